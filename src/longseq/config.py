@@ -1,0 +1,31 @@
+"""Every knob of the library, as documented and validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """Single-GPU memory features; each composes with sequence parallelism. Defaults: all on, for long sequences."""
+
+    tiled_mlp: bool = True
+    """Run each decoder layer's MLP over sequence tiles; backward recomputes one tile at a time."""
+    tiled_loss: bool = True
+    """Compute lm_head + cross-entropy over token tiles; the full logits never exist."""
+    offload_checkpoints: bool = True
+    """Checkpoint every decoder layer and keep its saved input in (pinned) host memory until backward."""
+    tile_memory_mib: int = 256
+    """Memory target for one tile's largest intermediate (MLP activation or fp32 logits); sets the tile size."""
+    tile_tokens: int | None = None
+    """Fixed tile size in tokens; overrides tile_memory_mib when set."""
+    keep_last_layers_on_gpu: int = 0
+    """Checkpoints of the last k layers stay on the GPU (they are needed first in backward)."""
+
+    def __post_init__(self) -> None:
+        if self.tile_memory_mib < 1:
+            raise ValueError(f"MemoryConfig.tile_memory_mib={self.tile_memory_mib} must be at least 1.")
+        if self.tile_tokens is not None and self.tile_tokens < 1:
+            raise ValueError(f"MemoryConfig.tile_tokens={self.tile_tokens} must be a positive number of tokens.")
+        if self.keep_last_layers_on_gpu < 0:
+            raise ValueError(f"MemoryConfig.keep_last_layers_on_gpu={self.keep_last_layers_on_gpu} must be >= 0.")

@@ -1,0 +1,1 @@
+"""Sequence-parallel attention: Ulysses all-to-all, ring, and their hybrid."""

@@ -1,0 +1,26 @@
+"""Packed documents: where each document starts, read from position_ids.
+
+A new document starts wherever position_ids does not increase by exactly one (the rule transformers uses for packed
+sequences), so both "restart at 0" packing and any other jump mark a boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def document_boundaries(position_ids: torch.Tensor) -> list[list[int]]:
+    """Per batch row, the sorted token offsets where documents start, plus the row length at the end.
+
+    A row holding one document gives [0, length]. Computed on the host once per forward pass.
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must have shape (batch, sequence), got {tuple(position_ids.shape)}.")
+    length = position_ids.shape[1]
+    starts = torch.diff(position_ids, dim=1) != 1
+    rows = starts.cpu().tolist()
+    return [[0] + [i + 1 for i, s in enumerate(row) if s] + [length] for row in rows]
+
+
+def is_single_document(boundaries: list[list[int]]) -> bool:
+    return all(len(row) == 2 for row in boundaries)
