@@ -17,9 +17,11 @@ def document_boundaries(position_ids: torch.Tensor) -> list[list[int]]:
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must have shape (batch, sequence), got {tuple(position_ids.shape)}.")
     length = position_ids.shape[1]
-    starts = torch.diff(position_ids, dim=1) != 1
-    rows = starts.cpu().tolist()
-    return [[0] + [i + 1 for i, s in enumerate(row) if s] + [length] for row in rows]
+    row, offset = torch.nonzero(torch.diff(position_ids, dim=1) != 1, as_tuple=True)
+    starts = [[] for _ in range(position_ids.shape[0])]
+    for r, o in zip(row.tolist(), (offset + 1).tolist()):
+        starts[r].append(o)
+    return [[0] + row_starts + [length] for row_starts in starts]
 
 
 def is_single_document(boundaries: list[list[int]]) -> bool:
