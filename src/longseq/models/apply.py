@@ -1,0 +1,110 @@
+"""`longseq.apply`: one call that turns a Hugging Face causal LM into a long-sequence one.
+
+Order: sequence-parallel attention first (it swaps the attention function), then the memory features (they wrap
+MLPs and decoder layers), then the loss entry point on the CausalLM's forward.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from longseq.config import MemoryConfig
+from longseq.loss import cross_entropy_sum, global_mean
+from longseq.mesh import Mesh
+from longseq.parallel.attention import register_attention
+
+
+@dataclass
+class _State:
+    mesh: Mesh
+    memory: MemoryConfig | None
+    attention: str | None
+
+
+def find_causal_lm(model) -> PreTrainedModel:
+    """The transformers CausalLM inside `model` (the model itself, or the one a PEFT wrapper holds)."""
+    candidate = model
+    for _ in range(4):
+        if isinstance(candidate, PreTrainedModel) and hasattr(candidate, "get_decoder"):
+            return candidate
+        base = getattr(candidate, "get_base_model", None)
+        candidate = base() if callable(base) else getattr(candidate, "model", None)
+        if candidate is None:
+            break
+    raise TypeError(
+        f"longseq.apply needs a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)) or a PEFT "
+        f"model wrapping one; got {type(model).__name__}."
+    )
+
+
+def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None):
+    """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
+
+    attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
+    model was loaded with. 'sdpa' also serves classes that transformers won't load with it (Gemma-2) once their
+    attention logit softcapping is off.
+
+    After this, `longseq.causal_lm_loss(model, longseq.shard_batch(batch, mesh), mesh)` gives the exact global loss,
+    and `model(**sharded_batch)` gives this rank's slice of the logits.
+    """
+    causal = find_causal_lm(model)
+    if hasattr(causal, "_longseq"):
+        raise RuntimeError("longseq.apply was already called on this model; call it once.")
+    mesh = mesh or Mesh()
+    attention = None
+    if mesh.sp > 1:
+        config = causal.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError(
+                f"attn_logit_softcapping={config.attn_logit_softcapping} cannot run on longseq's SDPA kernels; set "
+                "config.attn_logit_softcapping = None before longseq.apply."
+            )
+        attention = register_attention(mesh, attention or config._attn_implementation, heads, kv_heads)
+        causal.set_attn_implementation(attention)
+        causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+    if memory is not None:
+        from longseq.memory import apply_memory
+
+        apply_memory(causal, memory)
+    causal._longseq = _State(mesh=mesh, memory=memory, attention=attention)
+    causal.forward = types.MethodType(_make_forward(causal.forward), causal)
+    return model
+
+
+def _require_position_ids(module, args, kwargs):
+    if kwargs.get("position_ids") is None:
+        raise ValueError(
+            "This model runs sequence-parallel, so it needs position_ids (global positions of this rank's tokens). "
+            "Pass the batch through longseq.shard_batch and call model(**sharded_batch) with keyword arguments."
+        )
+
+
+def _make_forward(original):
+    def forward(self, *args, shift_labels=None, longseq_num_tokens=None, **kwargs):
+        """With shift_labels: only the loss (Note [Exact global loss]); otherwise the model's own forward."""
+        if shift_labels is None:
+            return original(*args, **kwargs)
+        state: _State = self._longseq
+        hidden = self.get_decoder()(*args, **kwargs)[0]
+        loss_sum, count = _loss_sum(self, hidden, shift_labels, state.memory)
+        return CausalLMOutputWithPast(loss=global_mean(loss_sum, count, state.mesh, longseq_num_tokens))
+
+    return forward
+
+
+def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None):
+    head = causal.get_output_embeddings()
+    softcap = getattr(causal.config, "final_logit_softcapping", None)
+    if memory is not None and memory.tiled_loss and type(head) is torch.nn.Linear:
+        from longseq.memory import tiled_cross_entropy_sum
+
+        return tiled_cross_entropy_sum(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
+                                       tile_tokens=memory.tile_tokens)
+    return cross_entropy_sum(hidden, head, labels, softcap)

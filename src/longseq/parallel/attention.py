@@ -1,0 +1,141 @@
+"""Sequence-parallel attention registered with transformers' attention interface.
+
+The model keeps calling `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`; longseq registers one function per
+applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the whole sequence's attention on H/U heads
+(a local SDPA kernel, the model's own flash kernel, or ring attention across the ring group) → all-to-all back.
+The name is not in transformers' mask registry, so transformers builds no attention mask at all: documents are read
+from position_ids instead (parallel/documents.py), once per forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from longseq.mesh import Mesh
+from longseq.parallel.balance import zigzag_order
+from longseq.parallel.documents import document_boundaries
+from longseq.parallel.local import causal_attention
+from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
+
+SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3")
+_names = itertools.count()
+
+
+def check_implementation(implementation: str, ring: int) -> None:
+    if implementation == "eager":
+        raise ValueError(
+            "attn_implementation='eager' materialises the full S×S attention matrix, which long sequences cannot "
+            "afford, and has no sequence-parallel form. Load the model with attn_implementation='sdpa' "
+            "(or 'flash_attention_2' where flash-attn is installed), or pass longseq.apply(..., attention='sdpa')."
+        )
+    if implementation not in SUPPORTED:
+        raise ValueError(
+            f"attn_implementation={implementation!r} is not supported by longseq; use one of {SUPPORTED}."
+        )
+    if ring > 1 and implementation != "sdpa":
+        raise ValueError(
+            f"Ring attention runs on PyTorch's SDPA kernels; load the model with attn_implementation='sdpa' "
+            f"instead of {implementation!r}, or use pure Ulysses (longseq.init_mesh(sp=..., ring=1))."
+        )
+
+
+class _Documents:
+    """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._key = None
+        self._boundaries = None
+
+    def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
+        if position_ids is None:
+            raise ValueError(
+                "Sequence-parallel attention needs position_ids (each rank holds a slice of the sequence, so "
+                "positions cannot be inferred). Pass the batch through longseq.shard_batch, which provides them."
+            )
+        key = (position_ids, position_ids._version)
+        if self._key is None or self._key[0] is not key[0] or self._key[1] != key[1]:
+            self._boundaries = document_boundaries(self._gather(position_ids))
+            self._key = key
+        return self._boundaries
+
+    def _gather(self, position_ids: torch.Tensor) -> torch.Tensor:
+        mesh = self.mesh
+        if mesh.sp == 1:
+            return position_ids
+        lengths = torch.zeros(mesh.sp, dtype=torch.long, device=position_ids.device)
+        dist.all_gather_into_tensor(lengths, torch.tensor([position_ids.shape[1]], device=position_ids.device),
+                                    group=mesh.sp_group)
+        if lengths.min() != lengths.max():
+            raise ValueError(
+                f"Sequence-parallel ranks hold different numbers of tokens ({lengths.tolist()}); every rank of the "
+                "sp group must hold an equal slice. Use longseq.shard_batch, which pads and slices the batch."
+            )
+        rows = position_ids.shape[0]
+        pieces = position_ids.new_empty((mesh.sp * rows, position_ids.shape[1]))
+        dist.all_gather_into_tensor(pieces, position_ids.contiguous(), group=mesh.sp_group)
+        permuted = pieces.view(mesh.sp, rows, -1).permute(1, 0, 2).flatten(1)
+        order = zigzag_order(permuted.shape[1], mesh.ring, device=permuted.device)
+        natural = torch.empty_like(permuted)
+        natural[:, order] = permuted
+        return natural
+
+
+def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:
+    """Register a sequence-parallel attention function for one model and return its name."""
+    check_implementation(implementation, mesh.ring)
+    replicate = kv_replication(num_heads, num_kv_heads, mesh.ulysses)
+    documents = _Documents(mesh)
+    inner = ALL_ATTENTION_FUNCTIONS[implementation]
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if kwargs.get("softcap") is not None:
+            raise ValueError("longseq's SDPA-based attention does not support attention logit softcapping "
+                             "(attn_logit_softcapping); set it to None in the config.")
+        if getattr(module, "is_causal", True) is False:
+            raise ValueError("longseq supports causal decoders only; this attention module is bidirectional.")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        boundaries = documents(kwargs.get("position_ids"))
+        q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
+        window = kwargs.get("sliding_window")
+        if mesh.ring > 1:
+            out = _ring(mesh, q, k, v, scale, boundaries, window, dropout)
+        elif implementation == "sdpa":
+            out = causal_attention(q, k, v, scale=scale, boundaries=boundaries, sliding_window=window,
+                                   dropout=dropout).transpose(1, 2)
+        else:
+            out, _ = inner(module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window,
+                           position_ids=_full_positions(boundaries, q.device))
+        return sequence_to_heads_split(mesh.ulysses_group, out), None
+
+    name = f"longseq_sp_{next(_names)}"
+    AttentionInterface.register(name, attention)
+    return name
+
+
+def _ring(mesh, q, k, v, scale, boundaries, window, dropout):
+    from longseq.parallel.ring import ring_attention
+
+    if window is not None and window < q.shape[2] * mesh.ring:
+        raise ValueError(
+            f"Ring attention does not support sliding-window layers (window {window} < sequence length "
+            f"{q.shape[2] * mesh.ring}); use pure Ulysses: longseq.init_mesh(sp=..., ring=1)."
+        )
+    if dropout:
+        raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
+    single = all(len(row) == 2 for row in boundaries)
+    out = ring_attention(mesh.ring_group, q, k, v, scale=scale, boundaries=None if single else boundaries)
+    return out.transpose(1, 2)
+
+
+def _full_positions(boundaries: list[list[int]], device) -> torch.Tensor:
+    """position_ids restarting at each document: what flash-attention kernels read packed documents from."""
+    rows = []
+    for row in boundaries:
+        rows.append(torch.cat([torch.arange(e - s, device=device) for s, e in zip(row[:-1], row[1:])]))
+    return torch.stack(rows)
