@@ -1,0 +1,131 @@
+"""Block attention kernels that return the log-sum-exp, and their backward given a (merged) output and log-sum-exp.
+
+    block_forward(q, k, v, *, causal, scale)                      -> (out, lse)
+    block_backward(dout, q, k, v, out, lse, *, causal, scale)     -> (dq, dk, dv)
+
+q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0. `causal` is only used on square blocks (Lq == Lk), where
+the top-left alignment of the aten ops is the usual causal mask. `out` is in q's dtype, `lse` (B, Hq, Lq) in fp32
+(fp64 for fp64 inputs). The backward returns gradients in that same accumulation dtype, dk and dv with Hkv heads.
+
+The backward is the flash-attention one: it recomputes the block's probabilities as exp(q·kᵀ·scale − lse) and uses
+rowsum(dout · out), so given the FINAL output and log-sum-exp of a row over all blocks, the gradients of the blocks add
+up to the exact gradient (see Note [Ring attention] in ring.py).
+
+CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward. CUDA: the cuDNN, flash and memory-efficient
+SDPA ops, tried in the order of CUDA_BACKENDS the first time each (direction, dtype) is used; the first that does not
+raise a RuntimeError is kept for later calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longseq.parallel.merge import accumulation_dtype
+
+aten = torch.ops.aten
+
+CUDA_BACKENDS = ("cudnn", "flash", "efficient")
+_chosen: dict[tuple[str, torch.dtype], str] = {}
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    if q.is_cuda:
+        return _cuda("forward", q.dtype, q, k, v, causal, scale)
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+    kv_heads = k.shape[1]
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
+    args = [t.contiguous() for t in (dout, q, k, v, out, lse)]
+    if q.is_cuda:
+        dq, dk, dv = _cuda("backward", q.dtype, *args, causal, scale)
+    else:
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, 0.0, causal, scale=scale)
+    acc = accumulation_dtype(q.dtype)
+    return dq.to(acc), _fold_heads(dk, kv_heads, acc), _fold_heads(dv, kv_heads, acc)
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Like transformers' repeat_kv: kv head j serves query heads j·g … j·g + g − 1."""
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the gradients of the g copies of each kv head (the adjoint of _expand_kv), in the accumulation dtype."""
+    b, heads, length, dim = grad.shape
+    return grad.to(dtype).view(b, kv_heads, heads // kv_heads, length, dim).sum(2)
+
+
+def _cuda(direction: str, dtype: torch.dtype, *args):
+    key = (direction, dtype)
+    names = (_chosen[key],) if key in _chosen else CUDA_BACKENDS
+    errors = []
+    for name in names:
+        try:
+            result = _CUDA_OPS[name][direction](*args)
+        except RuntimeError as error:
+            errors.append(f"{name}: {error}")
+            continue
+        _chosen[key] = name
+        return result
+    raise RuntimeError(
+        f"No CUDA attention kernel ran the {direction} pass for {dtype}:\n  " + "\n  ".join(errors)
+        + "\nCheck the head dimension, dtype and GPU against the SDPA backends' requirements."
+    )
+
+
+def _no_dropout_rng(q: torch.Tensor) -> torch.Tensor:
+    # Seed and offset are only read with dropout; cuDNN's forward returns zeros of this shape.
+    return torch.zeros(1, dtype=torch.int64, device=q.device)
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out, lse.reshape(q.shape[:3])  # cuDNN keeps a trailing 1: (B, H, L, 1)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    rng = _no_dropout_rng(q)
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale,
+    )
+
+
+def _flash_forward(q, k, v, causal, scale):
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out, lse
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    rng = _no_dropout_rng(q)
+    # cum_seq_q/k = None (undefined) selects the dense, not the varlen, kernel.
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, rng, rng, scale=scale,
+    )
+
+
+def _efficient_forward(q, k, v, causal, scale):
+    out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]  # rows are padded to a multiple of 32
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    rng = _no_dropout_rng(q)
+    lse = F.pad(lse, (0, -q.shape[2] % 32))  # the layout the forward produced
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, rng, rng, 0.0, [True, True, True, False], causal, scale=scale,
+    )
+    return dq, dk, dv
+
+
+_CUDA_OPS = {
+    "cudnn": {"forward": _cudnn_forward, "backward": _cudnn_backward},
+    "flash": {"forward": _flash_forward, "backward": _flash_backward},
+    "efficient": {"forward": _efficient_forward, "backward": _efficient_backward},
+}

@@ -1,0 +1,307 @@
+r"""Note [Ring attention]
+
+Exact causal attention over a sequence sharded across the R ranks of a ring, in the zigzag layout of
+Note [Zigzag placement] (balance.py): the sequence is cut into 2R chunks of c = S_local / 2 tokens and ring rank r holds
+chunks r and 2R−1−r. Each rank keeps its queries; the K/V of every rank travel once around the ring (send to r+1,
+receive from r−1), so at step s rank r holds the K/V of rank (r − s) mod R. The exchange for step s+1 is posted before
+the blocks of step s are computed and waited for after, so communication overlaps compute.
+
+A (q chunk i, k chunk j) block is skipped if j > i, a causal square if j = i, and full (unmasked) if j < i. For R = 2,
+"r.s" marks the rank r and step s that compute a block ( \ causal square, # full, . skipped):
+
+                k chunk:   0      1      2      3
+        q chunk 0        0.0\    .      .      .          rank 0 holds q chunks 0, 3
+        q chunk 1        1.1#   1.0\    .      .          rank 1 holds q chunks 1, 2
+        q chunk 2        1.1#   1.0#   1.0\    .
+        q chunk 3        0.0#   0.1#   0.1#   0.0\
+
+Every rank computes two c×c blocks' worth per step: its own two causal squares plus one full block at step 0, then
+either both its q chunks against the sender's early chunk (sender < r) or its late q chunk against both of the
+sender's chunks (sender > r).
+
+Packed documents (contiguous global ranges; a token attends to earlier tokens of its own document) need no mask:
+- a causal square is cut into the document segments inside the chunk, one causal square each;
+- a full block (k chunk j strictly before q chunk i) meets at most one document, the one holding the last token of
+  k chunk j, and only if it reaches into q chunk i. Then its q tokens (a prefix of chunk i) attend to its k tokens
+  (a suffix of chunk j), unmasked; every other q row gets nothing from this block.
+
+        k chunk j: [ x x x | y y y y y ]          q chunk i: [ y y y | z z z z z ]
+        block computed: q rows of y (prefix of i) × k columns of y (suffix of j)
+
+Each block returns (out, lse); the exact merge (merge.py) keeps an fp32 accumulator, where lse = −inf means "no key
+yet". Every token sees at least itself, so no row ends with −inf.
+
+Backward (flash style): with the final merged output O and log-sum-exp L saved, the gradient of each block follows
+from that block alone (probabilities exp(q·kᵀ·scale − L), rowsum(dO·O)); no second forward pass. K/V rotate again;
+dq accumulates locally, and the fp32 dk/dv of the K/V a rank holds travel with them: received from r−1, increased by
+this rank's blocks, sent to r+1. After R steps they are back home. Forward: R−1 exchanges; backward: R−1 for K/V and
+R for dk/dv.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longseq.parallel.kernels import block_backward, block_forward
+from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
+
+_KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    index: int  # global chunk number
+    local: int  # offset in this rank's portion
+    start: int  # global token offset
+    length: int
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One kernel call: local q positions × held k positions."""
+
+    q: slice
+    k: slice
+    causal: bool
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive batch rows with the same documents, and their kernel calls per ring step."""
+
+    rows: slice
+    steps: list[list[_Call]]
+
+
+def ring_attention(group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None) -> torch.Tensor:
+    """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
+
+    q: (B, Hq, S_local, D); k, v: (B, Hkv, S_local, D) with Hq % Hkv == 0 (GQA), all in the zigzag layout of
+    balance.py (ring rank r holds global chunks r and 2R−1−r of the full sequence of length S = R · S_local).
+    group: the ring's process group; None means no ring (R = 1, plain local causal attention).
+    boundaries: per batch row, global document start offsets plus S at the end (documents.document_boundaries of the
+        FULL sequence's position_ids); None = one causal document per row.
+    Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
+    """
+    ring_size = _ring_size(group)
+    _check_inputs(q, k, v, ring_size, boundaries)
+    rank = 0 if group is None else dist.get_rank(group)
+    plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
+    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, q, k, v, scale, plan):
+        out, lse = ring_attention_forward(group, q, k, v, scale=scale, plan=plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.plan = group, scale, plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan)
+        return None, dq, dk, dv, None, None
+
+
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run]):
+    """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
+    ring = _Ring(group) if _ring_size(group) > 1 else None
+    steps = len(plan[0].steps)
+    out, lse = new_accumulators(q)
+    held = (k, v)
+    for step in range(steps):
+        pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
+        for run in plan:
+            for call in run.steps[step]:
+                rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
+                block_out, block_lse = block_forward(
+                    q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale
+                )
+                merge_(out[rq], lse[rq], block_out, block_lse)
+        if pending is not None:
+            held = _Ring.finish(pending)
+    return out.to(q.dtype), lse
+
+
+def ring_attention_backward(group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run]):
+    """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
+    ring = _Ring(group) if _ring_size(group) > 1 else None
+    steps = len(plan[0].steps)
+    acc = accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    held, grads_pending = (k, v), None
+    for step in range(steps):
+        kv_pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
+        dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
+        for run in plan:
+            for call in run.steps[step]:
+                rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
+                gq, gk, gv = block_backward(
+                    dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale
+                )
+                dq[rq] += gq
+                dk[rk] += gk
+                dv[rk] += gv
+        if grads_pending is not None:  # the dk/dv of these K/V from the ranks before us
+            earlier = _Ring.finish(grads_pending)
+            dk += earlier[0]
+            dv += earlier[1]
+        if ring is not None:
+            grads_pending = ring.start((dk, dv), _GRAD_TAG)
+        if kv_pending is not None:
+            held = _Ring.finish(kv_pending)
+    if ring is not None:
+        dk, dv = _Ring.finish(grads_pending)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _Ring:
+    """Point-to-point rotation: send to ring rank + 1, receive from ring rank − 1."""
+
+    def __init__(self, group):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.group = group
+        self.next = dist.get_global_rank(group, (rank + 1) % size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % size)
+
+    def start(self, tensors, tag: int):
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in received]
+        # The sent tensors ride along so they stay alive until the requests complete.
+        return dist.batch_isend_irecv(ops), tensors, received
+
+    @staticmethod
+    def finish(pending) -> list[torch.Tensor]:
+        requests, _, received = pending
+        for request in requests:
+            request.wait()
+        return received
+
+
+def _ring_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _plan(boundaries, batch: int, local_len: int, ring_size: int, rank: int) -> list[_Run]:
+    """Kernel calls per ring step, shared by the rows of each run of identical document layouts."""
+    total = ring_size * local_len
+    layouts = [(0, total)] * batch if boundaries is None else [tuple(row) for row in boundaries]
+    runs, first = [], 0
+    for row in range(1, batch + 1):
+        if row == batch or layouts[row] != layouts[first]:
+            runs.append(_Run(slice(first, row), _run_steps(layouts[first], local_len, ring_size, rank)))
+            first = row
+    return runs
+
+
+def _run_steps(bounds, local_len: int, ring_size: int, rank: int) -> list[list[_Call]]:
+    mine = _chunks(ring_size, rank, local_len)
+    steps = []
+    for step in range(ring_size):
+        held = _chunks(ring_size, (rank - step) % ring_size, local_len)
+        steps.append(_coalesce([call for qc in mine for kc in held for call in _pair_calls(bounds, qc, kc)]))
+    return steps
+
+
+def _chunks(ring_size: int, rank: int, local_len: int) -> tuple[_Chunk, ...]:
+    if ring_size == 1:
+        return (_Chunk(0, 0, 0, local_len),)
+    half, late = local_len // 2, 2 * ring_size - 1 - rank
+    return _Chunk(rank, 0, rank * half, half), _Chunk(late, half, late * half, half)
+
+
+def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[_Call]:
+    """The kernel calls of one (q chunk, k chunk) block under the documents `bounds`; see Note [Ring attention]."""
+    if kc.index > qc.index:
+        return []
+    if kc.index == qc.index:
+        return [
+            _Call(slice(qc.local + a - qc.start, qc.local + b - qc.start),
+                  slice(kc.local + a - kc.start, kc.local + b - kc.start), True)
+            for a, b in _segments(bounds, qc.start, qc.start + qc.length)
+        ]
+    k_end = kc.start + kc.length
+    doc = bisect.bisect_right(bounds, k_end - 1) - 1
+    doc_start, doc_end = bounds[doc], bounds[doc + 1]
+    if doc_end <= qc.start:
+        return []
+    q_len = min(doc_end, qc.start + qc.length) - qc.start
+    k_from = max(doc_start, kc.start) - kc.start
+    return [_Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
+
+
+def _segments(bounds, lo: int, hi: int):
+    """The pieces [a, b) of documents that lie inside the token range [lo, hi)."""
+    i = bisect.bisect_right(bounds, lo) - 1
+    while bounds[i] < hi:
+        yield max(bounds[i], lo), min(bounds[i + 1], hi)
+        i += 1
+
+
+def _coalesce(calls: list[_Call]) -> list[_Call]:
+    """Join neighbouring full blocks that share their q or k range into one kernel call."""
+    joined: list[_Call] = []
+    for call in calls:
+        prev = joined[-1] if joined else None
+        if prev is not None and not prev.causal and not call.causal:
+            if prev.k == call.k and prev.q.stop == call.q.start:
+                joined[-1] = _Call(slice(prev.q.start, call.q.stop), prev.k, False)
+                continue
+            if prev.q == call.q and prev.k.stop == call.k.start:
+                joined[-1] = _Call(prev.q, slice(prev.k.start, call.k.stop), False)
+                continue
+        joined.append(call)
+    return joined
+
+
+def _check_inputs(q, k, v, ring_size: int, boundaries) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"ring_attention: expected q (B, Hq, S_local, D) and k, v (B, Hkv, S_local, D) of one shape, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    batch, heads, local_len, dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, local_len, dim):
+        raise ValueError(
+            f"ring_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, S_local and head_dim "
+            "(dims 0, 2, 3); pass them as (batch, heads, tokens, head_dim)."
+        )
+    if heads % k.shape[1]:
+        raise ValueError(
+            f"ring_attention: Hq = {heads} query heads is not a multiple of Hkv = {k.shape[1]} key/value heads; "
+            "GQA needs Hq % Hkv == 0 (check num_attention_heads and num_key_value_heads)."
+        )
+    if ring_size > 1 and local_len % 2:
+        raise ValueError(
+            f"ring_attention: S_local = {local_len} is odd, but the zigzag layout gives every rank two equal chunks. "
+            f"Pad the full sequence to a multiple of 2·R = {2 * ring_size} tokens before sharding (balance.py)."
+        )
+    if boundaries is not None:
+        _check_boundaries(boundaries, batch, ring_size, local_len)
+
+
+def _check_boundaries(boundaries, batch: int, ring_size: int, local_len: int) -> None:
+    total = ring_size * local_len
+    if len(boundaries) != batch:
+        raise ValueError(
+            f"ring_attention: boundaries has {len(boundaries)} rows for a batch of {batch}; pass one list per row."
+        )
+    for i, row in enumerate(boundaries):
+        if row[-1] != total:
+            raise ValueError(
+                f"ring_attention: boundaries[{i}] ends at {row[-1]}, but the full sequence has R·S_local = "
+                f"{ring_size}·{local_len} = {total} tokens. Compute boundaries from the FULL sequence's position_ids "
+                "(documents.document_boundaries), not from this rank's slice."
+            )
+        if row[0] != 0 or any(a >= b for a, b in zip(row, row[1:])):
+            raise ValueError(
+                f"ring_attention: boundaries[{i}] = {row} must start at 0 and increase strictly "
+                "(document starts, then the sequence length)."
+            )
