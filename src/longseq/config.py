@@ -18,7 +18,7 @@ class MemoryConfig:
     tile_memory_mib: int = 256
     """Memory target for one tile's largest intermediate (MLP activation or fp32 logits); sets the tile size."""
     tile_tokens: int | None = None
-    """Fixed tile size in tokens; overrides tile_memory_mib when set."""
+    """Fixed tile size (sequence positions per tile) for the MLP and the loss; overrides tile_memory_mib when set."""
     keep_last_layers_on_gpu: int = 0
     """Checkpoints of the last k layers stay on the GPU (they are needed first in backward)."""
     expandable_segments: bool = True

@@ -27,6 +27,7 @@ exactness is tested.
 
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         kwargs["use_cache"] = False
     offloader, index = self._longseq_offload
     with offloader.hooks(index):
-        return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        return checkpoint(functools.partial(plain, **kwargs), *args, use_reentrant=False)
 
 
 def apply_checkpoint_offload(model: nn.Module, config: MemoryConfig) -> nn.Module:
