@@ -17,7 +17,7 @@ from longseq.config import MemoryConfig
 from longseq.memory import apply_checkpoint_offload, apply_memory, configure_allocator, lm_head_cross_entropy_sum
 from longseq.memory import offload_stats
 from longseq.memory.offload import _Offloaded
-from tests.models import assert_grads_equal, shifted_labels, tiny_model
+from tests.tiny_models import assert_grads_equal, shifted_labels, tiny_model
 
 B, S, H, LAYERS = 2, 127, 64, 3
 
@@ -91,13 +91,15 @@ def test_small_shared_and_parameter_tensors_stay_on_device():
     assert not offloader._should_offload(torch.arange(1000))  # integer tensors (indices) stay
 
 
-def test_refuses_double_checkpointing():
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_refuses_double_checkpointing(enable):
     model = tiny_model()
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+    getattr(model, enable)()
+    with pytest.raises(ValueError, match="activation_checkpointing_disable"):
         apply_checkpoint_offload(model, MemoryConfig())
     model = apply_checkpoint_offload(tiny_model(), MemoryConfig())
-    model.gradient_checkpointing_enable()
+    getattr(model, enable)()
     ids = _ids()
     with pytest.raises(RuntimeError, match="offload_checkpoints=False"):
         model(ids, labels=ids)
@@ -187,3 +189,19 @@ def test_apply_memory_switches():
     model = apply_memory(tiny_model(), MemoryConfig(tiled_mlp=False, offload_checkpoints=False,
                                                     expandable_segments=False))
     assert "forward" not in vars(model.model.layers[0].mlp) and not hasattr(model, "_longseq_offloader")
+
+
+def test_wraps_an_existing_instance_forward_and_applies_once():
+    model = tiny_model()
+    calls = []
+    for layer in model.model.layers:
+        layer.forward = lambda *a, _inner=layer.forward, **k: calls.append(1) or _inner(*a, **k)
+    config = MemoryConfig(tile_tokens=16, offload_min_bytes=0, expandable_segments=False)
+    apply_memory(model, config)
+    ids = _ids()
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 4  # 2 layers × (forward + recompute in backward)
+    with pytest.raises(ValueError, match="once"):
+        apply_checkpoint_offload(model, config)
+    with pytest.raises(ValueError, match="once"):
+        apply_memory(model, MemoryConfig(offload_checkpoints=False, expandable_segments=False))

@@ -1,8 +1,10 @@
 """Single-GPU memory features, each exact and composable: tiled MLP, tiled loss, checkpoint offload, allocator.
 
-Order: apply_memory wraps the decoder layers' and MLPs' `forward`, which are called inside the modules'
-`__call__`; module hooks (FSDP2's, attention wrappers registered through transformers' attention interface) stay
-outside. Apply it after swapping the attention implementation and before `fully_shard`.
+Order: apply_memory wraps the `forward` of each decoder layer and MLP instance, whatever it is at that moment (the
+class's, or one an earlier wrapper installed). Apply it after the attention is set up (sequence-parallel
+attention registered through transformers' attention interface runs inside the layer's forward, so it is
+checkpointed and recomputed with it) and before `fully_shard`, whose hooks live in `__call__`, outside the
+checkpoint and the tiles.
 """
 
 from __future__ import annotations

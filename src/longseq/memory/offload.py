@@ -42,8 +42,8 @@ from longseq.memory.tiled import decoder_layers
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 _DOUBLE_CHECKPOINT = (
     "MemoryConfig.offload_checkpoints=True checkpoints every decoder layer itself, and HF gradient checkpointing "
-    "is on too (it would checkpoint each layer twice). Call model.gradient_checkpointing_disable(), or set "
-    "offload_checkpoints=False to keep HF's checkpointing."
+    "is on too (it would checkpoint each layer twice). Call model.activation_checkpointing_disable() (older "
+    "transformers: model.gradient_checkpointing_disable()), or set offload_checkpoints=False to keep HF's."
 )
 
 
@@ -167,7 +167,7 @@ class _Offloader:
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if getattr(self, "gradient_checkpointing", False):
         raise RuntimeError(_DOUBLE_CHECKPOINT)
-    plain = types.MethodType(type(self).forward, self)
+    plain = self._longseq_inner_forward
     if not (self.training and torch.is_grad_enabled()):
         return plain(*args, **kwargs)
     for name in _CACHE_KWARGS:
@@ -185,11 +185,12 @@ def apply_checkpoint_offload(model: nn.Module, config: MemoryConfig) -> nn.Modul
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise ValueError(_DOUBLE_CHECKPOINT)
-    if hasattr(model, "_longseq_offloader"):
+    if any(hasattr(layer, "_longseq_offload") for layer in layers):
         raise ValueError("apply_checkpoint_offload was already applied to this model; apply it once.")
     offloader = _Offloader(config, len(layers))
     for index, layer in enumerate(layers):
         layer._longseq_offload = (offloader, index)
+        layer._longseq_inner_forward = layer.forward  # the class's, or whatever an earlier wrapper installed
         layer.forward = types.MethodType(_checkpointed_forward, layer)
     model._longseq_offloader = offloader
     return model

@@ -125,7 +125,7 @@ def mlp_tile_tokens(config: MemoryConfig, intermediate_size: int, batch: int, dt
 
 
 def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    plain = types.MethodType(type(self).forward, self)
+    plain = self._longseq_inner_forward
     batch = x[..., 0, 0].numel()
     tile = mlp_tile_tokens(self._longseq_memory, self._longseq_intermediate, batch, x.dtype)
     if x.shape[-2] <= tile:
@@ -142,10 +142,11 @@ def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
             f"MemoryConfig.tiled_mlp=True, but no decoder layer of {type(model).__name__} has an `mlp` whose class "
             "name ends in 'MLP' (mixture-of-experts blocks are not tiled). Set tiled_mlp=False for this model."
         )
+    if any(hasattr(mlp, "_longseq_memory") for mlp in mlps):
+        raise ValueError("apply_tiled_mlp was already applied to this model; apply it once.")
     for mlp in mlps:
-        if "forward" in vars(mlp) and not hasattr(mlp, "_longseq_memory"):
-            raise ValueError(f"{type(mlp).__name__}.forward is already replaced on the instance; cannot tile it.")
         mlp._longseq_memory = config
         mlp._longseq_intermediate = _intermediate_size(mlp)
+        mlp._longseq_inner_forward = mlp.forward  # the class's, or whatever an earlier wrapper installed
         mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
     return model
