@@ -18,9 +18,13 @@ class MemoryConfig:
     tile_memory_mib: int = 256
     """Memory target for one tile's largest intermediate (MLP activation or fp32 logits); sets the tile size."""
     tile_tokens: int | None = None
-    """Fixed tile size in tokens; overrides tile_memory_mib when set."""
+    """Fixed tile size (sequence positions per tile) for the MLP and the loss; overrides tile_memory_mib when set."""
     keep_last_layers_on_gpu: int = 0
     """Checkpoints of the last k layers stay on the GPU (they are needed first in backward)."""
+    expandable_segments: bool = True
+    """Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the allocator config themselves."""
+    offload_min_bytes: int = 1 << 20
+    """Saved tensors smaller than this stay on the GPU: copying them costs more than the memory they free."""
 
     def __post_init__(self) -> None:
         if self.tile_memory_mib < 1:
@@ -29,3 +33,5 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.tile_tokens={self.tile_tokens} must be a positive number of tokens.")
         if self.keep_last_layers_on_gpu < 0:
             raise ValueError(f"MemoryConfig.keep_last_layers_on_gpu={self.keep_last_layers_on_gpu} must be >= 0.")
+        if self.offload_min_bytes < 0:
+            raise ValueError(f"MemoryConfig.offload_min_bytes={self.offload_min_bytes} must be >= 0 (0 moves all).")

@@ -1,0 +1,167 @@
+"""Tiled lm_head + cross-entropy: the (tokens × vocab) logits never exist whole.
+
+Note [Tiled loss]
+~~~~~~~~~~~~~~~~~
+At 128k tokens and a 128k vocabulary the fp32 logits alone are 64 GB. We walk over token tiles:
+
+    for each tile t of tokens:   z = float(h[t] @ Wᵀ + b)            (tile × V, fp32, as HF upcasts before CE)
+                                 z = c·tanh(z / c)                  (Gemma-2/3 final_logit_softcapping)
+                                 loss += Σ_valid (logsumexp(z) − z[label])
+                                 dz = (softmax(z) − onehot(label)) · valid · (1 − tanh²)   (only with softcap)
+                                 dh[t] = dz @ W;   dW += dzᵀ @ h[t];   db += Σ dz
+
+Gradients are computed eagerly in the forward (as Liger's fused linear cross-entropy does) rather than by
+recomputing the logits in backward: that is 3 matmuls of tokens × V × H instead of 4, and the buffers we keep
+until backward (dh: tokens × H, dW: V × H) are the same size as what a recompute would keep (h) or build (dW).
+Backward only scales them by the incoming scalar gradient (e.g. 1 / global valid count).
+
+dW sums one partial product per tile. In bf16 that sum would round once per tile: with ~500 tiles (128k tokens,
+tiles of ~260) the relative error grows to a few percent. So by default dW accumulates in fp32 and is cast once
+at the end, which costs V × H × 4 bytes while the loss runs (Llama-3-8B: 128256 × 4096 × 4 = 2.1 GB);
+`fp32_weight_grad=False` accumulates in the weight's dtype instead. The fp32 partial products are added one vocab
+chunk at a time so no V × H temporary in bf16 appears either.
+
+Returning (sum, count) rather than a mean is what lets the caller form an exact global mean over sequence- and
+data-parallel ranks: all-reduce both, then divide.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MIB = 1 << 20
+_VOCAB_CHUNK = 8192
+
+
+def loss_tile_tokens(vocab_size: int, tile_memory_mib: int) -> int:
+    """Tokens per tile so that a tile's fp32 logits and their gradient (tile × V × 4 bytes × 2) fit the target."""
+    return max(1, tile_memory_mib * _MIB // (vocab_size * 4 * 2))
+
+
+def _tile_loss(h, weight, bias, labels, softcap, ignore_index, want_grad):
+    """Sum of CE over one tile's valid tokens and, if wanted, d(sum)/d(logits) in fp32."""
+    logits = F.linear(h, weight, bias).float()
+    if softcap is not None:
+        tanh = torch.tanh(logits.div_(softcap))
+        logits = tanh * softcap
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0).unsqueeze(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    per_token = lse - logits.gather(-1, target).squeeze(-1)
+    loss = torch.where(valid, per_token, 0.0).sum()
+    if not want_grad:
+        return loss, None
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(valid.unsqueeze(-1))
+    grad.scatter_add_(-1, target, -valid.unsqueeze(-1).float())
+    if softcap is not None:
+        grad.mul_(1 - tanh.square_())
+    return loss, grad
+
+
+def _add_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    if acc.dtype == h.dtype:
+        acc.addmm_(grad_logits.t(), h)
+        return
+    for start in range(0, acc.shape[0], _VOCAB_CHUNK):
+        acc[start : start + _VOCAB_CHUNK].add_(grad_logits[:, start : start + _VOCAB_CHUNK].t() @ h)
+
+
+class TiledCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over valid tokens; grads computed eagerly per tile. See Note [Tiled loss]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap, ignore_index, tile_tokens, fp32_weight_grad, wants):
+        want_h, want_w, want_b = wants
+        acc_dtype = torch.float32 if fp32_weight_grad else weight.dtype
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], tile_tokens):
+            h = hidden[start : start + tile_tokens]
+            loss, grad = _tile_loss(h, weight, bias, labels[start : start + tile_tokens], softcap, ignore_index,
+                                    any(wants))
+            total += loss
+            if grad is None:
+                continue
+            if want_b:
+                grad_b += grad.sum(0)
+            grad = grad.to(hidden.dtype)
+            if want_h:
+                grad_h[start : start + tile_tokens] = grad @ weight
+            if want_w:
+                _add_weight_grad(grad_w, grad, h)
+        grads = [g for g in (grad_h, grad_w, grad_b) if g is not None]
+        ctx.wants = wants
+        ctx.save_for_backward(*(g.to(t.dtype) for g, t in zip(grads, _present(wants, hidden, weight, bias))))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved).mul_(grad_total) if want else None for want in ctx.wants]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _present(wants, *tensors):
+    return [t for want, t in zip(wants, tensors) if want]
+
+
+def tiled_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    tile_tokens: int | None = None,
+    tile_memory_mib: int = 256,
+    fp32_weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token CE over valid tokens in fp32, number of valid tokens), logits built tile by tile.
+
+    hidden: (B, S, H) or (N, H), the final hidden states. weight: lm_head weight (V, H) (the embedding matrix when
+    tied). labels: already shifted (the target of token t sits at t), `ignore_index` marks tokens without a target.
+    tile_tokens defaults to loss_tile_tokens(V, tile_memory_mib). See Note [Tiled loss].
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if flat_labels.shape[0] != flat_hidden.shape[0]:
+        raise ValueError(
+            f"tiled_cross_entropy_sum: labels {tuple(labels.shape)} must have one entry per token of hidden "
+            f"{tuple(hidden.shape)}; pass labels already shifted, of shape hidden.shape[:-1]."
+        )
+    tile = tile_tokens if tile_tokens is not None else loss_tile_tokens(weight.shape[0], tile_memory_mib)
+    if tile < 1:
+        raise ValueError(f"tiled_cross_entropy_sum(tile_tokens={tile_tokens}) must be a positive number of tokens.")
+    grad_on = torch.is_grad_enabled()
+    wants = tuple(grad_on and t is not None and t.requires_grad for t in (flat_hidden, weight, bias))
+    loss_sum = TiledCrossEntropy.apply(
+        flat_hidden, weight, bias, flat_labels, softcap, ignore_index, tile, fp32_weight_grad, wants
+    )
+    return loss_sum, (flat_labels != ignore_index).sum()
+
+
+def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100):
+    """tiled_cross_entropy_sum with the lm_head, softcap and tile settings of an HF causal LM.
+
+    `hidden` is the decoder's output after the final norm; tile settings come from `model._longseq_memory`
+    (set by apply_memory), else MemoryConfig's defaults.
+    """
+    from longseq.config import MemoryConfig
+
+    text_config = model.config.get_text_config()
+    for name in ("logit_scale", "logits_scaling"):
+        if getattr(text_config, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(text_config).__name__}.{name} rescales the logits, which the tiled loss does not do. "
+                "Set MemoryConfig.tiled_loss=False for this model."
+            )
+    head = model.get_output_embeddings()
+    memory = getattr(model, "_longseq_memory", None) or MemoryConfig()
+    return tiled_cross_entropy_sum(
+        hidden, head.weight, labels, bias=head.bias, softcap=getattr(text_config, "final_logit_softcapping", None),
+        ignore_index=ignore_index, tile_tokens=memory.tile_tokens, tile_memory_mib=memory.tile_memory_mib,
+    )

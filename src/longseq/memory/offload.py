@@ -1,0 +1,204 @@
+"""Activation checkpointing of every decoder layer, with the checkpointed inputs held in host memory.
+
+Note [Checkpoint offload]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+With every layer checkpointed, what stays alive from forward to backward is each layer's input (B × S × H per
+layer: Llama-3-8B at 128k tokens, 32 layers × 1 GB in bf16). We keep those in host memory instead:
+
+    forward,  layer i:  checkpoint saves x_i ──pack──> side stream: copy to pinned host, event; GPU copy freed
+    backward, layer i:  recompute needs x_i ──unpack─> wait for x_i's host→GPU copy (started one layer earlier),
+                                                      start x_{i-1}'s host→GPU copy on the side stream
+                        layer i's backward ends ──> x_i's GPU copy and its host copy are both released
+
+The side stream first waits for the compute stream (x_i must be written before it is read), `record_stream` keeps
+the caching allocator from reusing x_i's memory before the copy has read it, and the restored tensor is allocated
+on the side stream and then recorded on the compute stream, which waits on the copy's event. Nothing holds a
+restored tensor after its layer's recompute except the recomputed graph itself, so it goes away with that
+layer's backward (DeepSpeed's offload keeps every restored checkpoint on the GPU until the whole backward ends).
+
+Only the tensors that `torch.utils.checkpoint` itself saves pass through the hooks: the layer's positional inputs
+(hidden_states). Tensors smaller than `offload_min_bytes`, parameters, non-float tensors and tensors already saved
+by an earlier layer of the same forward (still alive, so shared: moving them would free nothing) stay on the
+device. The last `keep_last_layers_on_gpu` layers are not offloaded: backward needs them first.
+
+On a machine without CUDA the same code runs with ordinary host copies and no streams, which is how its
+exactness is tested.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longseq.config import MemoryConfig
+from longseq.memory.tiled import decoder_layers
+
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+_DOUBLE_CHECKPOINT = (
+    "MemoryConfig.offload_checkpoints=True checkpoints every decoder layer itself, and HF gradient checkpointing "
+    "is on too (it would checkpoint each layer twice). Call model.activation_checkpointing_disable() (older "
+    "transformers: model.gradient_checkpointing_disable()), or set offload_checkpoints=False to keep HF's."
+)
+
+
+@dataclass
+class OffloadStats:
+    """Host memory held by offloaded checkpoints."""
+
+    current_bytes: int = 0
+    peak_bytes: int = 0
+    offloaded_tensors: int = 0
+    """Tensors moved to host since the model was wrapped."""
+    prefetch_hits: int = 0
+    """Restores whose copy had already been started one layer ahead (the others waited for a synchronous copy)."""
+
+    def _add(self, nbytes: int) -> None:
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        self.offloaded_tensors += 1
+
+    def _release(self, nbytes: int) -> None:
+        self.current_bytes -= nbytes
+
+
+class _Offloaded:
+    """A saved tensor's host copy, plus its device copy while it is being brought back."""
+
+    def __init__(self, x: torch.Tensor, stream, stats: OffloadStats):
+        self.device, self.stream = x.device, stream
+        with torch.no_grad():
+            if stream is None:
+                self.host, self.event = x.detach().to("cpu", copy=True), None
+            else:
+                self.host = torch.empty_like(x, device="cpu", pin_memory=True)
+                stream.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(stream):
+                    self.host.copy_(x, non_blocking=True)
+                    x.record_stream(stream)
+                    self.event = stream.record_event()
+        self.restored = None
+        nbytes = self.host.numel() * self.host.element_size()
+        stats._add(nbytes)
+        weakref.finalize(self, stats._release, nbytes)
+
+    def prefetch(self) -> None:
+        """Start the copy back to the device (on the side stream when there is one)."""
+        if self.restored is not None:
+            return
+        if self.stream is None:
+            self.restored = self.host.to(self.device, copy=True)
+            return
+        with torch.cuda.stream(self.stream):
+            self.restored = torch.empty_like(self.host, device=self.device)
+            self.restored.copy_(self.host, non_blocking=True)
+            self.event = self.stream.record_event()
+
+    def take(self, stats: OffloadStats) -> torch.Tensor:
+        """The device copy, ready for the compute stream; this handle forgets it (see Note [Checkpoint offload])."""
+        stats.prefetch_hits += self.restored is not None
+        self.prefetch()
+        restored, self.restored = self.restored, None
+        if self.stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(self.event)
+            restored.record_stream(compute)
+        return restored
+
+
+class _Offloader:
+    """Per-model state: the side stream, the stats, and the chain of handles of the forward in progress."""
+
+    def __init__(self, config: MemoryConfig, num_layers: int):
+        self.min_bytes = config.offload_min_bytes
+        self.first_kept = num_layers - config.keep_last_layers_on_gpu
+        self.stats = OffloadStats()
+        self.stream = None
+        self.last = None
+        self.saved = weakref.WeakValueDictionary()
+
+    def _stream_for(self, x: torch.Tensor):
+        if x.device.type != "cuda":
+            return None
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        return self.stream
+
+    def _should_offload(self, x: torch.Tensor) -> bool:
+        shared = self.saved.get(x.untyped_storage().data_ptr()) is not None
+        return not (
+            shared
+            or isinstance(x, nn.Parameter)
+            or not x.is_floating_point()
+            or x.numel() * x.element_size() < self.min_bytes
+        )
+
+    def hooks(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:
+        """Pack/unpack hooks for layer `index`'s checkpoint; layer 0 starts a new forward."""
+        if index == 0:
+            self.last, self.saved = None, weakref.WeakValueDictionary()
+        previous = self.last
+        offload = index < self.first_kept
+
+        def pack(x: torch.Tensor):
+            move = offload and self._should_offload(x)
+            self.saved[x.untyped_storage().data_ptr()] = x
+            if not move:
+                return x
+            handle = _Offloaded(x, self._stream_for(x), self.stats)
+            self.last = weakref.ref(handle)
+            return handle
+
+        def unpack(packed):
+            x = packed.take(self.stats) if isinstance(packed, _Offloaded) else packed
+            earlier = previous() if previous is not None else None
+            if earlier is not None:
+                earlier.prefetch()
+            return x
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    if getattr(self, "gradient_checkpointing", False):
+        raise RuntimeError(_DOUBLE_CHECKPOINT)
+    plain = self._longseq_inner_forward
+    if not (self.training and torch.is_grad_enabled()):
+        return plain(*args, **kwargs)
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            kwargs[name] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    offloader, index = self._longseq_offload
+    with offloader.hooks(index):
+        return checkpoint(functools.partial(plain, **kwargs), *args, use_reentrant=False)
+
+
+def apply_checkpoint_offload(model: nn.Module, config: MemoryConfig) -> nn.Module:
+    """Checkpoint every decoder layer and hold its saved input in host memory (Note [Checkpoint offload])."""
+    layers = decoder_layers(model)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ValueError(_DOUBLE_CHECKPOINT)
+    if any(hasattr(layer, "_longseq_offload") for layer in layers):
+        raise ValueError("apply_checkpoint_offload was already applied to this model; apply it once.")
+    offloader = _Offloader(config, len(layers))
+    for index, layer in enumerate(layers):
+        layer._longseq_offload = (offloader, index)
+        layer._longseq_inner_forward = layer.forward  # the class's, or whatever an earlier wrapper installed
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+    model._longseq_offloader = offloader
+    return model
+
+
+def offload_stats(model: nn.Module) -> OffloadStats:
+    """Host bytes held by offloaded checkpoints now and at peak (reset with `offload_stats(model).peak_bytes = 0`)."""
+    offloader = getattr(model, "_longseq_offloader", None)
+    if offloader is None:
+        raise ValueError("offload_stats: apply_checkpoint_offload(model, config) was not applied to this model.")
+    return offloader.stats

@@ -1,0 +1,152 @@
+"""Sequence-tiled compute for per-token modules (the MLP of every decoder layer).
+
+Note [Tiled compute]
+~~~~~~~~~~~~~~~~~~~~
+A per-token module (the MLP: down(act(gate(x)) * up(x))) never mixes positions, so it can run over sequence tiles.
+Its largest intermediate is tokens × intermediate_size (Llama-3-8B: 14336 wide, three such tensors live at once in
+backward): at 128k tokens in bf16 that is 3 × 3.7 GB. Tiled, only one tile's intermediates exist at a time:
+
+    forward  (no_grad):  out[t] = fn(x[t])                        for t = 0..T-1, nothing saved but x
+    backward:            with grad: o = fn(x[t]);  dx[t], dθ += autograd.grad(o, (x[t], θ), dout[t])
+
+The parameters θ are explicit inputs of the autograd.Function, so autograd hands each one its gradient exactly
+once, through its ordinary accumulation. Under FSDP2 the unsharded parameters exist only during the layer's
+forward/backward and their gradients are reduce-scattered by FSDP's hooks; writing `.grad` by hand would bypass
+that, so we never do. Parameter gradients sum over tiles in the parameter's dtype (an fp32 accumulator would cost
+4 bytes per MLP parameter per layer).
+
+The backward recomputes fn without restoring the RNG state: a module with dropout would draw different masks in
+the recompute. HF decoder MLPs have no dropout (and LoRA's default lora_dropout is 0), so we do not pay for it.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from longseq.config import MemoryConfig
+
+_MIB = 1 << 20
+
+
+def _tiles(length: int, tile: int):
+    return [(start, min(start + tile, length)) for start in range(0, length, tile)]
+
+
+class TiledFunction(torch.autograd.Function):
+    """fn over tiles of x along dim -2; see Note [Tiled compute]."""
+
+    @staticmethod
+    def forward(ctx, fn, tile_tokens, x, *params):
+        ctx.fn, ctx.tile_tokens = fn, tile_tokens
+        ctx.save_for_backward(x, *params)
+        out = None
+        for start, end in _tiles(x.shape[-2], tile_tokens):
+            piece = fn(x[..., start:end, :])
+            if out is None:
+                out = piece.new_empty(*piece.shape[:-2], x.shape[-2], piece.shape[-1])
+            out[..., start:end, :] = piece
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_params: list[torch.Tensor | None] = [None] * len(wanted)
+        for start, end in _tiles(x.shape[-2], ctx.tile_tokens):
+            x_tile = x[..., start:end, :].detach().requires_grad_(need_x)
+            with torch.enable_grad():
+                out = ctx.fn(x_tile)
+            inputs = ([x_tile] if need_x else []) + wanted
+            grads = torch.autograd.grad(out, inputs, grad_out[..., start:end, :], allow_unused=True)
+            if need_x:
+                grad_x[..., start:end, :] = grads[0]
+                grads = grads[1:]
+            for i, g in enumerate(grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        per_param = iter(grad_params)
+        return (None, None, grad_x, *(next(per_param) if need else None for need in ctx.needs_input_grad[3:]))
+
+
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *params: torch.Tensor, tile_tokens: int):
+    """fn(x) computed over tiles of `tile_tokens` positions along dim -2 of x ((B, S, H) or (S, H)).
+
+    fn must be per-token (no mixing along dim -2). Pass every tensor that fn uses and that needs a gradient as
+    `params` (e.g. the module's parameters): their gradients arrive through autograd, see Note [Tiled compute].
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"tiled(tile_tokens={tile_tokens}) must be a positive number of tokens.")
+    if x.shape[-2] <= tile_tokens:
+        return fn(x)
+    return TiledFunction.apply(fn, tile_tokens, x, *params)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of an HF causal LM, through a PEFT wrapper if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return list(layers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not found:
+        raise ValueError(
+            f"Found no decoder layers in {type(model).__name__}: expected `model.get_decoder().layers` or "
+            "transformers GradientCheckpointingLayer modules. Switch the MemoryConfig features off for this model."
+        )
+    return found
+
+
+def _intermediate_size(mlp: nn.Module) -> int:
+    size = getattr(mlp, "intermediate_size", None)
+    if isinstance(size, int):
+        return size
+    return max(max(m.in_features, m.out_features) for m in mlp.modules() if isinstance(m, nn.Linear))
+
+
+def mlp_tile_tokens(config: MemoryConfig, intermediate_size: int, batch: int, dtype: torch.dtype) -> int:
+    """Positions per tile: config.tile_tokens, else the largest tile whose intermediates fit tile_memory_mib.
+
+    A tile of `batch × t` tokens holds about three (batch·t × intermediate_size) tensors at once (gate, up, and
+    their product or its gradient).
+    """
+    if config.tile_tokens is not None:
+        return config.tile_tokens
+    per_position = batch * intermediate_size * 3 * torch.empty((), dtype=dtype).element_size()
+    return max(1, config.tile_memory_mib * _MIB // per_position)
+
+
+def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plain = self._longseq_inner_forward
+    batch = x[..., 0, 0].numel()
+    tile = mlp_tile_tokens(self._longseq_memory, self._longseq_intermediate, batch, x.dtype)
+    if x.shape[-2] <= tile:
+        return plain(x)
+    params = [p for p in self.parameters() if p.requires_grad]
+    return tiled(plain, x, *params, tile_tokens=tile)
+
+
+def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
+    """Run every decoder layer's MLP over sequence tiles (Note [Tiled compute]); returns the model."""
+    mlps = [layer.mlp for layer in decoder_layers(model) if type(getattr(layer, "mlp", None)).__name__.endswith("MLP")]
+    if not mlps:
+        raise ValueError(
+            f"MemoryConfig.tiled_mlp=True, but no decoder layer of {type(model).__name__} has an `mlp` whose class "
+            "name ends in 'MLP' (mixture-of-experts blocks are not tiled). Set tiled_mlp=False for this model."
+        )
+    if any(hasattr(mlp, "_longseq_memory") for mlp in mlps):
+        raise ValueError("apply_tiled_mlp was already applied to this model; apply it once.")
+    for mlp in mlps:
+        mlp._longseq_memory = config
+        mlp._longseq_intermediate = _intermediate_size(mlp)
+        mlp._longseq_inner_forward = mlp.forward  # the class's, or whatever an earlier wrapper installed
+        mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
+    return model

@@ -1,0 +1,113 @@
+"""Tiled compute (memory/tiled.py) against the untiled computation: outputs and every gradient.
+
+    PYTHONPATH=src python -m pytest -q tests/test_tiled.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longseq.config import MemoryConfig
+from longseq.memory import apply_tiled_mlp, tiled
+from longseq.memory.tiled import TiledFunction, mlp_tile_tokens
+from tests.tiny_models import FAMILIES, assert_grads_equal, tiny_model
+
+
+@pytest.mark.parametrize("tile", [10, 32, 200])
+@pytest.mark.parametrize("shape", [(2, 127, 8), (127, 8)])
+def test_tiled_matches_untiled(tile, shape):
+    torch.manual_seed(0)
+    up, down = torch.nn.Linear(8, 24), torch.nn.Linear(24, 8)
+    params = [*up.parameters(), *down.parameters()]
+
+    def fn(x):
+        return down(F.gelu(up(x)) * x.sum(-1, keepdim=True))
+
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(shape)
+    ref = fn(x)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), [x, *params])
+    out = tiled(fn, x, *params, tile_tokens=tile)
+    assert (out.grad_fn is not None) and (type(out.grad_fn).__name__ == "TiledFunctionBackward") == (tile < 127)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad((out * weight).sum(), [x, *params]), ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_tiled_frozen_input_and_partial_params():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    lin.bias.requires_grad_(False)
+    x = torch.randn(1, 50, 8)
+    out = TiledFunction.apply(lin, 7, x, lin.weight)
+    (grad,) = torch.autograd.grad(out.square().sum(), [lin.weight])
+    (want,) = torch.autograd.grad(lin(x).square().sum(), [lin.weight])
+    torch.testing.assert_close(grad, want)
+
+
+def test_tile_size_from_memory_target():
+    config = MemoryConfig(tile_memory_mib=1)
+    # 1 MiB / (1 × 128 × 3 × 4 bytes) = 682 positions; halves with batch 2; doubles in bf16.
+    assert mlp_tile_tokens(config, 128, 1, torch.float32) == 682
+    assert mlp_tile_tokens(config, 128, 2, torch.float32) == 341
+    assert mlp_tile_tokens(config, 128, 1, torch.bfloat16) == 1365
+    assert mlp_tile_tokens(MemoryConfig(tile_tokens=7), 128, 4, torch.float32) == 7
+
+
+def _count_tiled_calls(model):
+    calls = []
+    for layer in model.get_decoder().layers:
+        layer.mlp.register_forward_hook(lambda m, i, o: calls.append(type(o.grad_fn).__name__))
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("length", [127, 1001])
+def test_apply_tiled_mlp_exact(family, length):
+    reference = tiny_model(family)
+    model = apply_tiled_mlp(copy.deepcopy(reference), MemoryConfig(tile_tokens=48))
+    calls = _count_tiled_calls(model)
+    ids = torch.randint(0, 256, (2 if length < 1000 else 1, length), generator=torch.Generator().manual_seed(1))
+    want = reference(ids, labels=ids).loss
+    got = model(ids, labels=ids).loss
+    assert calls == ["TiledFunctionBackward"] * 2
+    torch.testing.assert_close(got, want)
+    want.backward()
+    got.backward()
+    assert_grads_equal(reference, model)
+
+
+def test_short_sequences_run_plain():
+    model = apply_tiled_mlp(tiny_model(), MemoryConfig(tile_tokens=64))
+    calls = _count_tiled_calls(model)
+    model(torch.randint(0, 256, (1, 64)))
+    assert "TiledFunctionBackward" not in calls and len(calls) == 2
+
+
+def test_apply_tiled_mlp_through_peft_lora():
+    lora = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"], lora_alpha=8)
+    reference = peft.get_peft_model(tiny_model(), lora)
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the LoRA path contribute so its A grads are non-zero
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    model = apply_tiled_mlp(copy.deepcopy(reference), MemoryConfig(tile_tokens=40))
+    ids = torch.randint(0, 256, (1, 301), generator=torch.Generator().manual_seed(2))
+    reference(ids, labels=ids).loss.backward()
+    model(ids, labels=ids).loss.backward()
+    assert_grads_equal(reference, model)
+    assert any("lora" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_apply_tiled_mlp_refuses_models_without_mlp():
+    model = tiny_model()
+    for layer in model.get_decoder().layers:
+        layer.mlp = torch.nn.Identity()
+    with pytest.raises(ValueError, match="tiled_mlp=False"):
+        apply_tiled_mlp(model, MemoryConfig())
+    with pytest.raises(ValueError, match="no decoder layers"):
+        apply_tiled_mlp(torch.nn.Sequential(torch.nn.Linear(2, 2)), MemoryConfig())
