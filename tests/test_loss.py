@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from longseq.config import MemoryConfig
 from longseq.memory import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
 from longseq.memory.loss import loss_tile_tokens
-from tests.tiny_models import assert_grads_equal, shifted_labels, tiny_model
+from tests.models import assert_grads_equal, shifted_labels, tiny_model
 
 V, H = 97, 24
 

@@ -17,7 +17,7 @@ from longseq.config import MemoryConfig
 from longseq.memory import apply_checkpoint_offload, apply_memory, configure_allocator, lm_head_cross_entropy_sum
 from longseq.memory import offload_stats
 from longseq.memory.offload import _Offloaded
-from tests.tiny_models import assert_grads_equal, shifted_labels, tiny_model
+from tests.models import assert_grads_equal, shifted_labels, tiny_model
 
 B, S, H, LAYERS = 2, 127, 64, 3
 

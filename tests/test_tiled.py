@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from longseq.config import MemoryConfig
 from longseq.memory import apply_tiled_mlp, tiled
 from longseq.memory.tiled import TiledFunction, mlp_tile_tokens
-from tests.tiny_models import FAMILIES, assert_grads_equal, tiny_model
+from tests.models import FAMILIES, assert_grads_equal, tiny_model
 
 
 @pytest.mark.parametrize("tile", [10, 32, 200])

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from longseq.config import MemoryConfig
 from longseq.loss import cross_entropy_sum, global_mean
+from longseq.memory import apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.parallel.attention import register_attention
 
@@ -70,8 +71,6 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
         causal.set_attn_implementation(attention)
         causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     if memory is not None:
-        from longseq.memory import apply_memory
-
         apply_memory(causal, memory)
     causal._longseq = _State(mesh=mesh, memory=memory, attention=attention)
     causal.forward = types.MethodType(_make_forward(causal.forward), causal)
@@ -100,11 +99,8 @@ def _make_forward(original):
 
 
 def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None):
+    """Runs inside the CausalLM's forward, so under FSDP2 the lm_head weight is unsharded here."""
     head = causal.get_output_embeddings()
-    softcap = getattr(causal.config, "final_logit_softcapping", None)
     if memory is not None and memory.tiled_loss and type(head) is torch.nn.Linear:
-        from longseq.memory import tiled_cross_entropy_sum
-
-        return tiled_cross_entropy_sum(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
-                                       tile_tokens=memory.tile_tokens)
-    return cross_entropy_sum(hidden, head, labels, softcap)
+        return lm_head_cross_entropy_sum(causal, hidden, labels)
+    return cross_entropy_sum(hidden, head, labels, getattr(causal.config, "final_logit_softcapping", None))
