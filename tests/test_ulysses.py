@@ -39,10 +39,10 @@ def sharded(model, data, mesh):
     return loss.detach(), logits, grads
 
 
-def compare(model, data, mesh, tol=TOL):
+def compare(model, data, mesh, tol=TOL, memory=None):
     reference_model = copy.deepcopy(model)
     ref_loss, ref_logits, ref_grads = reference(reference_model, data)
-    longseq.apply(model, mesh)
+    longseq.apply(model, mesh, memory)
     loss, logits, grads = sharded(model, data, mesh)
     torch.testing.assert_close(loss, ref_loss, **tol)
     torch.testing.assert_close(logits, ref_logits, **tol)
@@ -202,6 +202,9 @@ def test_errors_single_process():
                       longseq.Mesh(world_size=4, sp=4, ulysses=4))
     with pytest.raises(ValueError, match="eager"):
         longseq.apply(tiny_model("llama", attn="eager"), longseq.Mesh(world_size=2, sp=2, ulysses=2))
+    overridden = longseq.apply(tiny_model("llama", attn="eager"), longseq.Mesh(world_size=2, sp=2, ulysses=2),
+                               attention="sdpa")
+    assert overridden.config._attn_implementation.startswith("longseq_sp_")
     with pytest.raises(ValueError, match="too short for sp=4"):
         longseq.shard_batch(batch(3), longseq.Mesh(world_size=4, sp=4, ulysses=4))
     with pytest.raises(ValueError, match="left padding"):

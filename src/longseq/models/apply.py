@@ -57,7 +57,7 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     if hasattr(causal, "_longseq"):
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
-    attention = None
+    registered = None
     if mesh.sp > 1:
         config = causal.config
         heads = config.num_attention_heads
@@ -67,12 +67,12 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
                 f"attn_logit_softcapping={config.attn_logit_softcapping} cannot run on longseq's SDPA kernels; set "
                 "config.attn_logit_softcapping = None before longseq.apply."
             )
-        attention = register_attention(mesh, attention or config._attn_implementation, heads, kv_heads)
-        causal.set_attn_implementation(attention)
+        registered = register_attention(mesh, attention or config._attn_implementation, heads, kv_heads)
+        causal.set_attn_implementation(registered)
         causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     if memory is not None:
         apply_memory(causal, memory)
-    causal._longseq = _State(mesh=mesh, memory=memory, attention=attention)
+    causal._longseq = _State(mesh=mesh, memory=memory, attention=registered)
     causal.forward = types.MethodType(_make_forward(causal.forward), causal)
     return model
 

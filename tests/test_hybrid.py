@@ -1,0 +1,74 @@
+"""Ring and Ulysses × ring inside the full transformers model, and the memory features composed with sp, against the
+unsharded, untiled model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longseq
+from tests.distributed import run_distributed
+from tests.models import batch, tiny_model
+from tests.test_ulysses import compare
+
+CASES = [
+    dict(length=127),                                        # odd: padded to a multiple of 2·ring·ulysses
+    dict(length=130, rows=2, documents=[1, 50, 33, 46]),     # packed, different per row, documents crossing ranks
+]
+
+
+def _layouts(sp: int, ring: int, overrides: dict):
+    mesh = longseq.init_mesh(sp=sp, ring=ring)
+    assert (mesh.ulysses, mesh.ring) == (sp // ring, ring)
+    for case in CASES:
+        compare(tiny_model("llama", **overrides), batch(**case), mesh)
+    compare(tiny_model("qwen3", num_key_value_heads=1), batch(**CASES[1]), mesh)
+
+
+@pytest.mark.parametrize("sp,ring", [(2, 2), (4, 4), (4, 2)])
+def test_ring_and_hybrid(sp, ring):
+    run_distributed(_layouts, sp, sp, ring, {})
+
+
+def _automatic_split():
+    """Heads that do not divide sp: init_mesh(model=...) puts the rest into the ring, and the model just works."""
+    model = tiny_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    mesh = longseq.init_mesh(sp=4, model=model)
+    assert (mesh.ulysses, mesh.ring) == (2, 2)
+    compare(model, batch(96, rows=2), mesh)
+
+
+def test_automatic_split():
+    run_distributed(_automatic_split, 4)
+
+
+def _memory_with_sp(ring: int):
+    mesh = longseq.init_mesh(sp=2, ring=ring)
+    memory = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0)
+    for family in ("llama", "gemma3") if ring == 1 else ("llama",):
+        compare(tiny_model(family, tie_word_embeddings=family == "gemma3"), batch(**CASES[1]), mesh, memory=memory)
+
+
+@pytest.mark.parametrize("ring", [1, 2])
+def test_memory_features_with_sp(ring):
+    run_distributed(_memory_with_sp, 2, ring)
+
+
+def _sliding_window_refused():
+    mesh = longseq.init_mesh(sp=2, ring=2)
+    model = longseq.apply(tiny_model("mistral"), mesh)
+    with pytest.raises(ValueError, match="does not support sliding-window"):
+        longseq.causal_lm_loss(model, longseq.shard_batch(batch(128), mesh), mesh)
+
+
+def test_ring_refuses_sliding_window():
+    run_distributed(_sliding_window_refused, 2)
+
+
+def test_ring_layout_errors():
+    with pytest.raises(ValueError, match="ring=3 must divide sp=4"):
+        longseq.mesh._resolve_split(4, 3, None)
+    with pytest.raises(ValueError, match="at least 8 tokens"):
+        longseq.shard_batch(batch(7), longseq.Mesh(world_size=4, sp=4, ulysses=2, ring=2))
+    with pytest.raises(ValueError, match="Ring attention runs on PyTorch's SDPA"):
+        longseq.apply(tiny_model("llama"), longseq.Mesh(world_size=2, sp=2, ring=2), attention="flash_attention_2")
