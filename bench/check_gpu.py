@@ -1,0 +1,131 @@
+"""Exactness of the CUDA/NCCL paths that CPU tests cannot reach: attention kernels, ring/Ulysses/hybrid over NCCL,
+and the memory features (pinned offload on a side stream), each against an unsharded fp32 reference.
+
+    torchrun --nproc-per-node 4 -m bench.check_gpu
+
+Prints one line per check with the max error and its tolerance, and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+import longseq
+from bench.common import machine, write_record
+from longseq.parallel import kernels
+from longseq.parallel.balance import portion_positions
+from longseq.parallel.local import causal_attention
+from longseq.parallel.ring import ring_attention
+from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
+
+RESULTS = []
+
+
+def report(name: str, error: float, tolerance: float, **extra) -> None:
+    ok = error <= tolerance
+    RESULTS.append(dict(check=name, error=error, tolerance=tolerance, ok=ok, **extra))
+    if dist.get_rank() == 0:
+        print(f"{'ok ' if ok else 'BAD'} {name:<48} max error {error:.3e} (tolerance {tolerance:.1e}) {extra or ''}",
+              flush=True)
+
+
+def check_kernels() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    for causal in (True, False):
+        ref_q, ref_k, ref_v = (t.float().requires_grad_() for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=0.1)
+        ref.backward(dout.float())
+        for backend in kernels.CUDA_BACKENDS:
+            kernels._chosen.clear()
+            kernels._chosen[("forward", q.dtype)] = kernels._chosen[("backward", q.dtype)] = backend
+            try:
+                out, lse = kernels.block_forward(q, k, v, causal=causal, scale=0.1)
+                dq, dk, dv = kernels.block_backward(dout, q, k, v, out, lse, causal=causal, scale=0.1)
+            except RuntimeError as error:
+                report(f"kernel {backend} causal={causal}", float("inf"), 0, error=str(error)[:200])
+                continue
+            error = max((a.float() - b).abs().max().item() for a, b in
+                        ((out, ref), (dq, ref_q.grad), (dk, ref_k.grad), (dv, ref_v.grad)))
+            report(f"kernel {backend} causal={causal}", error, 5e-2)
+    kernels._chosen.clear()
+
+
+def check_attention(mesh, length: int, boundaries) -> None:
+    """Ring/hybrid/Ulysses attention (bf16, NCCL) vs the whole sequence's attention in fp32 on one GPU."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 8, length, 128, device="cuda"), torch.randn(2, 2, length, 128, device="cuda"), \
+        torch.randn(2, 2, length, 128, device="cuda")
+    dout = torch.randn(2, 8, length, 128, device="cuda")
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = causal_attention(*full, scale=0.088, boundaries=boundaries)
+    ref.backward(dout)
+    per_rank = length // mesh.ring
+    portion = portion_positions(length, mesh.ring, mesh.ring_rank).cuda()
+    piece = portion.view(mesh.ulysses, -1)[mesh.ulysses_rank]
+    local = [t.detach()[:, :, piece].bfloat16().requires_grad_() for t in (q, k, v)]
+    sq, sk, sv = heads_to_sequence_split(mesh.ulysses_group, *local, replicate_kv=kv_replication(8, 2, mesh.ulysses))
+    if mesh.ring > 1:
+        out = ring_attention(mesh.ring_group, sq, sk, sv, scale=0.088, boundaries=boundaries)
+    else:
+        out = causal_attention(sq, sk, sv, scale=0.088, boundaries=boundaries)
+    out = sequence_to_heads_split(mesh.ulysses_group, out.transpose(1, 2)).transpose(1, 2)
+    out.backward(dout[:, :, piece].bfloat16())
+    error = max((out.float() - ref[:, :, piece]).abs().max().item(),
+                *((a.grad.float() - b.grad[:, :, piece]).abs().max().item() for a, b in zip(local, full)))
+    assert per_rank * mesh.ring == length
+    report(f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None}", error, 6e-2)
+
+
+def check_model(mesh, memory) -> None:
+    """A small Llama in fp32 on the GPU: sharded (and memory features) vs the plain model."""
+    import transformers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (2, 1999), generator=g).cuda()
+    positions = torch.cat([torch.arange(700), torch.arange(1299)]).cuda()[None].expand(2, -1)
+    data = dict(input_ids=ids, labels=ids, position_ids=positions)
+    ref_loss = reference(**data, use_cache=False).loss
+    ref_loss.backward()
+    longseq.apply(model, mesh, memory)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    loss.backward()
+    longseq.sync_gradients(model, mesh)
+    ref = dict(reference.named_parameters())
+    error = max((p.grad - ref[n].grad).abs().max().item() / ref[n].grad.abs().max().item()
+                for n, p in model.named_parameters())
+    error = max(error, abs(loss.item() - ref_loss.item()))
+    stats = longseq.memory.offload_stats(model).peak_bytes if memory and memory.offload_checkpoints else 0
+    report(f"model u={mesh.ulysses} r={mesh.ring} memory={memory is not None}", error, 1e-3, host_peak_bytes=stats)
+
+
+def main() -> None:
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    check_kernels()
+    for ring in (1, 2, 4):
+        mesh = longseq.init_mesh(sp=4, ring=ring)
+        for boundaries in (None, [[0, 3000, 3001, 16384], [0, 9000, 16384]]):
+            check_attention(mesh, 16384, boundaries)
+        check_model(mesh, None)
+        check_model(mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0))
+    if dist.get_rank() == 0:
+        write_record("check_gpu", dict(bench="check_gpu", results=RESULTS, all_ok=all(r["ok"] for r in RESULTS),
+                                       **machine()))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
