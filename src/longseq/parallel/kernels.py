@@ -11,21 +11,21 @@ The backward is the flash-attention one: it recomputes the block's probabilities
 rowsum(dout · out), so given the FINAL output and log-sum-exp of a row over all blocks, the gradients of the blocks add
 up to the exact gradient (see Note [Ring attention] in ring.py).
 
-CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward. CUDA: the cuDNN, flash and memory-efficient
-SDPA ops, tried in the order of CUDA_BACKENDS the first time each (direction, dtype) is used; the first that does not
-raise a RuntimeError is kept for later calls.
+CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward. CUDA: the cuDNN and flash SDPA ops, in the
+order of CUDA_BACKENDS; the one that last worked for a (direction, dtype) is tried first, the other when it refuses.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from longseq.parallel.merge import accumulation_dtype
 
 aten = torch.ops.aten
 
-CUDA_BACKENDS = ("cudnn", "flash", "efficient")
+# The memory-efficient SDPA op is left out: given an output and log-sum-exp its backward returned wrong gradients
+# (bench/check_gpu.py, H200, torch 2.11), and on Hopper it is ~3× slower than cuDNN anyway (shared/GPU.md).
+CUDA_BACKENDS = ("cudnn", "flash")
 _chosen: dict[tuple[str, torch.dtype], str] = {}
 
 
@@ -62,8 +62,9 @@ def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.
 
 
 def _cuda(direction: str, dtype: torch.dtype, *args):
+    """The backend that worked last time first, then the others (cuDNN refuses some shapes, e.g. 1-token blocks)."""
     key = (direction, dtype)
-    names = (_chosen[key],) if key in _chosen else CUDA_BACKENDS
+    names = sorted(CUDA_BACKENDS, key=lambda name: name != _chosen.get(key))
     errors = []
     for name in names:
         try:
@@ -75,7 +76,7 @@ def _cuda(direction: str, dtype: torch.dtype, *args):
         return result
     raise RuntimeError(
         f"No CUDA attention kernel ran the {direction} pass for {dtype}:\n  " + "\n  ".join(errors)
-        + "\nCheck the head dimension, dtype and GPU against the SDPA backends' requirements."
+        + "\nRing attention on CUDA needs bf16 or fp16 inputs and a head dimension the cuDNN or flash kernels accept."
     )
 
 
@@ -110,22 +111,7 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-def _efficient_forward(q, k, v, causal, scale):
-    out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
-    return out, lse[..., : q.shape[2]]  # rows are padded to a multiple of 32
-
-
-def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
-    rng = _no_dropout_rng(q)
-    lse = F.pad(lse, (0, -q.shape[2] % 32))  # the layout the forward produced
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, rng, rng, 0.0, [True, True, True, False], causal, scale=scale,
-    )
-    return dq, dk, dv
-
-
 _CUDA_OPS = {
     "cudnn": {"forward": _cudnn_forward, "backward": _cudnn_backward},
     "flash": {"forward": _flash_forward, "backward": _flash_backward},
-    "efficient": {"forward": _efficient_forward, "backward": _efficient_backward},
 }
