@@ -7,6 +7,7 @@ dataclasses are the one source of truth for defaults, docs, `longseq train --hel
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -235,7 +236,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Build a TrainConfig from `base`, then a YAML file, then `section.key=value` overrides (later wins)."""
-    raw = _merge({}, base or {})
+    raw = copy.deepcopy(base or {})
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}

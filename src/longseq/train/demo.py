@@ -26,7 +26,7 @@ DEMO = {
                          "vocab_size": 259, "max_position_embeddings": 8192, "tie_word_embeddings": True}},
     "data": {"paths": [f"{DEFAULT_RUN_DIR}/data/stdlib.jsonl"], "tokenizer": "byte", "seq_len": 4096},
     "parallel": {"sp": 2},
-    "optim": {"lr": 0.003, "warmup_steps": 10, "weight_decay": 0.0, "min_lr_ratio": 0.1},
+    "optim": {"lr": 0.002, "warmup_steps": 10, "weight_decay": 0.0, "min_lr_ratio": 0.1},
     "training": {"steps": 150, "batch_size": 1, "seed": 0},
     "checkpoint": {"every": 50, "resume": False},
     "metrics": {"run_dir": DEFAULT_RUN_DIR, "log_every": 1},
@@ -82,7 +82,14 @@ def plot_loss(rows: list[dict], path: Path) -> None:
         print("longseq: matplotlib is not installed (pip install 'longseq[plot]'); skipping loss.png.")
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    smooth, average = [], losses[0]
+    for loss in losses:  # one 4096-byte sequence per step is noisy; the moving average shows the trend
+        average = 0.9 * average + 0.1 * loss
+        smooth.append(average)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label="moving average")
+    ax.legend()
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title="longseq demo: tiny Llama on the Python stdlib, sp=2")
     ax.grid(alpha=0.3)
     fig.tight_layout()
