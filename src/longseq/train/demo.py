@@ -79,7 +79,7 @@ def plot_loss(rows: list[dict], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("longseq: matplotlib is not installed (pip install 'longseq[plot]'); skipping loss.png.")
+        print("longseq: matplotlib is not installed (pip install 'longseq[train]'); skipping loss.png.")
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
