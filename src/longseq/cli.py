@@ -2,7 +2,7 @@
 
     longseq train CONFIG.yaml [--section.key=value ...]      # CPU or one GPU
     torchrun --nproc-per-node 8 -m longseq.cli train CONFIG.yaml
-    longseq train --demo                                     # tiny model, 2 CPU processes, a few minutes
+    longseq train --demo                                     # tiny model, 2 CPU processes, ~2 minutes
     longseq train --help                                     # every config field, its default and doc
 """
 
