@@ -1,0 +1,100 @@
+"""`longseq train`: parse the command line, launch processes if asked, train, and explain failures.
+
+    longseq train CONFIG.yaml [--section.key=value ...]            # one process: CPU or one GPU
+    longseq train CONFIG.yaml --nproc 2                            # N local processes (torchrun underneath)
+    torchrun --nproc-per-node 8 -m longseq.cli train CONFIG.yaml   # GPUs; add --nnodes/--rdzv-endpoint for nodes
+    longseq train --demo                                           # the embedded demo (2 CPU processes, sp=2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from longseq.train.config import ConfigError, help_text, load_config
+
+USAGE = "longseq train [CONFIG.yaml] [--demo] [--nproc N] [--section.key=value ...]"
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = _parse(argv)
+    if args.help:
+        print(f"usage: {USAGE}\n\n{__doc__}\nConfig fields (YAML sections, or --section.key=value; defaults shown):"
+              f"{help_text()}")
+        return 0
+    from longseq.data.readers import DataError
+    from longseq.train import demo
+    from longseq.train.launch import spawn_local, under_torchrun
+
+    try:
+        if args.config is None and not args.demo:
+            raise ConfigError(f"give a config file or --demo; usage: {USAGE}")
+        config = load_config(args.config, overrides, base=demo.DEMO if args.demo else None)
+        if args.demo:
+            demo.prepare(config)
+        nproc = args.nproc or (2 if args.demo else 1)
+        if nproc > 1 and not under_torchrun():
+            return spawn_local(nproc, ["train", *_without_nproc(argv)])
+        return _run(config, args.demo)
+    except (ConfigError, DataError) as e:
+        _error(e)
+        return 2
+
+
+def _run(config, is_demo: bool) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from longseq.train import demo
+    from longseq.train.loop import Interrupted, TrainingError, train
+
+    try:
+        rows = record(train)(config)  # record: torchrun reports a failing rank's traceback as the root cause
+    except Interrupted as e:
+        _error(e, prefix="longseq train")
+        return 130
+    except TrainingError as e:
+        _error(e)
+        return 1
+    if is_demo and rows is not None:
+        demo.report(rows, Path(config.metrics.run_dir))
+    return 0
+
+
+def _error(error: Exception, prefix: str = "longseq train: error") -> None:
+    rank = os.environ.get("RANK")
+    if rank in (None, "0") or not isinstance(error, ConfigError):
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{where}{prefix}: {error}", file=sys.stderr, flush=True)
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="longseq train", add_help=False, allow_abbrev=False)
+    parser.add_argument("config", nargs="?")
+    parser.add_argument("--demo", action="store_true")
+    parser.add_argument("--nproc", type=int, default=None)
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--"):
+            raise SystemExit(f"longseq train: unexpected argument {item!r}; overrides look like --section.key=value.")
+        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return args, overrides
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out

@@ -1,0 +1,78 @@
+"""`longseq train` configuration: YAML + overrides, errors that name the field and suggest the fix, --help."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from longseq.cli import main as cli_main
+from longseq.train.config import ConfigError, field_docs, from_dict, load_config, sections
+from longseq.train.demo import DEMO
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"config": {"model_type": "llama"}}, "data": {"paths": ["x.jsonl"]}}
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {config: {model_type: llama}}\ndata: {paths: [a.jsonl], seq_len: 256}\n"
+                    "optim: {lr: 1.0e-3}\n")
+    config = load_config(path, ["--optim.lr=1e-4", "--data.paths=a.jsonl,b.jsonl", "--training.cpu_offload=true",
+                                "--checkpoint.keep=none", "--memory.tile_tokens=512"])
+    assert config.optim.lr == 1e-4 and config.data.seq_len == 256
+    assert config.data.paths == ["a.jsonl", "b.jsonl"]
+    assert config.training.cpu_offload is True and config.checkpoint.keep is None
+    assert config.memory.tile_tokens == 512 and config.memory.tiled_mlp  # any memory key: features on
+    assert load_config(path, ["--memory.tiled_mlp=false", "--memory=null"]).memory is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--training.stpes=3"], "unknown key training.stpes; did you mean 'training.steps'"),
+    (["--trainig.steps=3"], "unknown section 'trainig'; did you mean 'training'"),
+    (["--memory.tiled_mpl=true"], "did you mean 'memory.tiled_mlp'"),
+    (["--training.steps=many"], "training.steps='many' is not a valid int"),
+    (["--training.steps=0"], "training.steps=0 must be at least 1"),
+    (["--optim.schedule=cosin"], "optim.schedule='cosin': choose cosine, linear or constant"),
+    (["--parallel.sp=0"], "parallel.sp=0 must be a positive integer"),
+    (["--memory.tile_memory_mib=0"], "tile_memory_mib=0 must be at least 1"),
+    (["--data.paths=[]"], "data.paths is empty"),
+    (["--training.steps"], "must look like --section.key=value"),
+])
+def test_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, overrides, base=MINIMAL)
+
+
+def test_model_needs_a_source():
+    with pytest.raises(ConfigError, match="model.path is not set"):
+        from_dict({"model": {}, "data": {"paths": ["x"]}})
+
+
+def test_every_field_has_a_default_and_a_doc(capsys):
+    for name, cls in sections().items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+            assert docs.get(f.name), f"{name}.{f.name} has no doc line"
+    assert cli_main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in sections().items():
+        for f in dataclasses.fields(cls):
+            assert f"--{name}.{f.name}=" in out
+    assert "torchrun --nproc-per-node" in out
+
+
+def test_cli_errors(capsys):
+    assert cli_main(["trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+    assert cli_main(["train", "--demo", "--training.stpes=3"]) == 2
+    assert "did you mean 'training.steps'" in capsys.readouterr().err
+    assert cli_main(["train", "/no/such.yaml"]) == 2
+    assert "cannot read the config file /no/such.yaml" in capsys.readouterr().err
+
+
+def test_demo_yaml_is_the_embedded_demo():
+    assert load_config(ROOT / "configs" / "demo.yaml") == from_dict(DEMO)
+    load_config(ROOT / "configs" / "llama-8b-64k.yaml")

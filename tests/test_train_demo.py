@@ -1,0 +1,28 @@
+"""`longseq train --demo` in a short mode: it launches its 2 processes itself and writes what it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_short(tmp_path):
+    run = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    result = subprocess.run([sys.executable, "-m", "longseq.cli", "train", "--demo", "--training.steps=3",
+                             f"--metrics.run_dir={run}", "--metrics.progress=false"],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "step     loss" in result.stdout and "loss plot" in result.stdout
+    documents = [json.loads(line) for line in (run / "data" / "stdlib.jsonl").read_text().splitlines()]
+    assert {"json", "email", "asyncio"} <= {d["package"] for d in documents}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["tokens"] == 4096
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (run / "checkpoints" / "step_000003" / ".metadata").exists()
+    assert (run / "loss.png").stat().st_size > 0 and (run / "hf" / "model.safetensors").exists()
