@@ -68,18 +68,20 @@ class _Documents:
         mesh = self.mesh
         if mesh.sp == 1:
             return position_ids
-        lengths = torch.zeros(mesh.sp, dtype=torch.long, device=position_ids.device)
-        dist.all_gather_into_tensor(lengths, torch.tensor([position_ids.shape[1]], device=position_ids.device),
-                                    group=mesh.sp_group)
+        # all_gather with a list: the one form that gloo, NCCL and every supported torch accept without warnings.
+        lengths = [torch.zeros(1, dtype=torch.long, device=position_ids.device) for _ in range(mesh.sp)]
+        dist.all_gather(lengths, torch.tensor([position_ids.shape[1]], device=position_ids.device),
+                        group=mesh.sp_group)
+        lengths = torch.cat(lengths)
         if lengths.min() != lengths.max():
             raise ValueError(
                 f"Sequence-parallel ranks hold different numbers of tokens ({lengths.tolist()}); every rank of the "
                 "sp group must hold an equal slice. Use longseq.shard_batch, which pads and slices the batch."
             )
-        rows = position_ids.shape[0]
-        pieces = position_ids.new_empty((mesh.sp * rows, position_ids.shape[1]))
-        dist.all_gather_into_tensor(pieces, position_ids.contiguous(), group=mesh.sp_group)
-        permuted = pieces.view(mesh.sp, rows, -1).permute(1, 0, 2).flatten(1)
+        pieces = [torch.empty_like(position_ids) for _ in range(mesh.sp)]
+        dist.all_gather(pieces, position_ids.contiguous(), group=mesh.sp_group)
+        pieces = torch.stack(pieces)
+        permuted = pieces.permute(1, 0, 2).flatten(1)
         order = zigzag_order(permuted.shape[1], mesh.ring, device=permuted.device)
         natural = torch.empty_like(permuted)
         natural[:, order] = permuted
