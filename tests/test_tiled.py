@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from longseq.config import MemoryConfig
-from longseq.memory import apply_tiled_mlp, tiled
+from longseq.memory import apply_tiled_mlp, apply_tiled_norms, tiled
 from longseq.memory.tiled import TiledFunction, mlp_tile_tokens
 from tests.models import FAMILIES, assert_grads_equal, tiny_model
 
@@ -76,6 +76,25 @@ def test_apply_tiled_mlp_exact(family, length):
     want = reference(ids, labels=ids).loss
     got = model(ids, labels=ids).loss
     assert calls == ["TiledFunctionBackward"] * 2
+    torch.testing.assert_close(got, want)
+    want.backward()
+    got.backward()
+    assert_grads_equal(reference, model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_apply_tiled_norms_exact(family):
+    reference = tiny_model(family)
+    model = apply_tiled_norms(copy.deepcopy(reference), MemoryConfig(tile_tokens=48))
+    wrapped = [m for m in model.modules() if hasattr(m, "_longseq_inner_forward")]
+    assert len(wrapped) >= 2 * len(model.get_decoder().layers) + 1  # per layer at least two, and the final norm
+    calls = []
+    for norm in wrapped:
+        norm.register_forward_hook(lambda m, i, o: calls.append(type(o.grad_fn).__name__))
+    ids = torch.randint(0, 256, (2, 127), generator=torch.Generator().manual_seed(1))
+    want = reference(ids, labels=ids).loss
+    got = model(ids, labels=ids).loss
+    assert set(calls) == {"TiledFunctionBackward"}
     torch.testing.assert_close(got, want)
     want.backward()
     got.backward()

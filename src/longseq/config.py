@@ -11,6 +11,8 @@ class MemoryConfig:
 
     tiled_mlp: bool = True
     """Run each decoder layer's MLP over sequence tiles; backward recomputes one tile at a time."""
+    tiled_norms: bool = True
+    """Recompute each decoder layer's RMSNorms in backward, tile by tile, instead of keeping their fp32 copies."""
     tiled_loss: bool = True
     """Compute lm_head + cross-entropy over token tiles; the full logits never exist."""
     offload_checkpoints: bool = True

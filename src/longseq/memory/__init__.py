@@ -15,7 +15,7 @@ from longseq.config import MemoryConfig
 from longseq.memory.allocator import configure_allocator
 from longseq.memory.loss import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
 from longseq.memory.offload import OffloadStats, apply_checkpoint_offload, offload_stats
-from longseq.memory.tiled import apply_tiled_mlp, tiled
+from longseq.memory.tiled import apply_tiled_mlp, apply_tiled_norms, tiled
 
 
 def apply_memory(model: nn.Module, config: MemoryConfig) -> nn.Module:
@@ -24,6 +24,8 @@ def apply_memory(model: nn.Module, config: MemoryConfig) -> nn.Module:
         configure_allocator()
     if config.tiled_mlp:
         apply_tiled_mlp(model, config)
+    if config.tiled_norms:
+        apply_tiled_norms(model, config)
     if config.offload_checkpoints:
         apply_checkpoint_offload(model, config)
     model._longseq_memory = config
@@ -35,6 +37,7 @@ __all__ = [
     "apply_checkpoint_offload",
     "apply_memory",
     "apply_tiled_mlp",
+    "apply_tiled_norms",
     "configure_allocator",
     "lm_head_cross_entropy_sum",
     "offload_stats",

@@ -134,6 +134,35 @@ def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tiled(plain, x, *params, tile_tokens=tile)
 
 
+def _tiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plain = self._longseq_inner_forward
+    config = self._longseq_memory
+    # An RMSNorm keeps fp32 copies of its input for backward (16 bytes per hidden unit and token in Llama's);
+    # recomputed per tile, only the bf16 input is kept. Tiles of ~3 fp32 rows per token within the memory target.
+    tile = config.tile_tokens or max(1, config.tile_memory_mib * _MIB // (x[..., 0, 0].numel() * x.shape[-1] * 12))
+    params = [p for p in self.parameters() if p.requires_grad]
+    return TiledFunction.apply(plain, tile, x, *params) if torch.is_grad_enabled() else plain(x)
+
+
+def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
+    """Recompute the token-wise norms of each decoder layer (and the final norm) in backward, tile by tile.
+
+    Only norms over the hidden dimension are wrapped (per-head q/k norms work on (B, H, S, D) and stay as they are).
+    """
+    layers = decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    final = getattr(base.get_decoder(), "norm", None) if hasattr(base, "get_decoder") else None
+    norms = [m for layer in layers for m in layer.children() if type(m).__name__.endswith("RMSNorm")]
+    norms += [final] if final is not None and type(final).__name__.endswith("RMSNorm") else []
+    if any(hasattr(norm, "_longseq_memory") for norm in norms):
+        raise ValueError("apply_tiled_norms was already applied to this model; apply it once.")
+    for norm in norms:
+        norm._longseq_memory = config
+        norm._longseq_inner_forward = norm.forward
+        norm.forward = types.MethodType(_tiled_norm_forward, norm)
+    return model
+
+
 def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
     """Run every decoder layer's MLP over sequence tiles (Note [Tiled compute]); returns the model."""
     mlps = [layer.mlp for layer in decoder_layers(model) if type(getattr(layer, "mlp", None)).__name__.endswith("MLP")]
