@@ -1,0 +1,135 @@
+"""Turn bench/results/*.jsonl into docs/results-<card>.md with PNG plots, one report per card (never mixed).
+
+    python -m bench.report            # needs matplotlib (pip install -e ".[bench]")
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS, DOCS = ROOT / "bench" / "results", ROOT / "docs"
+
+
+def load(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.jsonl"
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def slug(card: str) -> str:
+    return card.lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def memory_section(records: list[dict], card: str) -> list[str]:
+    lines = ["## Memory on one GPU (bench_memory.py): Llama-3.1-8B shape, bf16, forward + backward, no optimizer", "",
+             "Process capped at 79 GiB (an 80 GB H100's usable memory) unless the cap column says otherwise. "
+             "Fixed part = bf16 weights + gradients (+ ballast standing for missing layers). "
+             "`all` = tiled MLP + tiled loss + offloaded checkpoints (+ tiled norms from commit 1201e5f on).", "",
+             "Slope = extra peak memory per extra token between the record's shortest and longest fitting lengths (at "
+             "short lengths fixed-size buffers, such as the tiled loss's fp32 weight gradient, hide it).", "",
+             "| variant | code | layers (+ballast) | cap GiB | tokens | peak GiB | slope KiB/token | step s | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        points = []
+        for i, row in enumerate(r["rows"]):
+            above = r.get("kib_per_token") if i == 0 else None
+            peak = f"{row['peak_gib']:.1f}" if "peak_gib" in row else "OOM"
+            lines.append(
+                f"| {r['variant']} | {r['code']} | {r['layers']}{'+' + str(r['ballast_layers']) if r['ballast_layers'] else ''}"
+                f" | {r['cap_gib'] or '-'} | {row['length']:,} | {peak} | {f'{above:.0f}' if above else '-'}"
+                f" | {row.get('step_s', float('nan')):.2f} | {row.get('tokens_per_s', float('nan')):,.0f} |")
+            if "peak_gib" in row:
+                points.append((row["length"], row["peak_gib"]))
+        if points and r["layers"] + r["ballast_layers"] == 32:
+            label = f"{r['variant']} ({r['code']}{', ballast' if r['ballast_layers'] else ''})"
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.axhline(79, color="grey", linestyle="--", label="79 GiB cap")
+    ax.set(xscale="log", xlabel="tokens", ylabel="peak GPU memory (GiB)", title=f"Llama-3.1-8B shape, 1 GPU, {card}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = f"memory-{slug(card)}.png"
+    fig.savefig(DOCS / png, dpi=110)
+    plt.close(fig)
+    return lines + ["", f"![peak memory vs length]({png})", ""]
+
+
+def attention_section(records: list[dict], card: str) -> list[str]:
+    record = records[-1]
+    layouts = [k[:-len("_tflops_per_gpu")] for k in record["rows"][0] if k.endswith("_tflops_per_gpu")]
+    lines = [f"## Attention alone (bench_attention.py): {record['world']} GPUs, 32 heads / 8 KV heads × 128, bf16, "
+             "forward + backward", "", "Per-GPU TFLOP/s (causal FLOPs, backward counted as 2.5× forward); "
+             "`single` is one GPU running causal attention of S/√P tokens, the same work per GPU.", "",
+             "| tokens | single | " + " | ".join(f"{n} (vs single)" for n in layouts) + " |",
+             "|---|---|" + "---|" * len(layouts)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lengths = [row["length"] for row in record["rows"]]
+    ax.plot(lengths, [row["single_gpu_tflops"] for row in record["rows"]], marker="o", label="single GPU, same work")
+    for name in layouts:
+        ax.plot(lengths, [row[f"{name}_tflops_per_gpu"] for row in record["rows"]], marker="o", label=name)
+    for row in record["rows"]:
+        cells = " | ".join(f"{row[f'{n}_tflops_per_gpu']:.0f} ({row[f'{n}_vs_single']:.0%})" for n in layouts)
+        lines.append(f"| {row['length']:,} | {row['single_gpu_tflops']:.0f} | {cells} |")
+    ax.set(xscale="log", xlabel="tokens (whole sequence)", ylabel="TFLOP/s per GPU", ylim=(0, None),
+           title=f"Sequence-parallel attention, {record['world']} × {card}")
+    ax.legend()
+    fig.tight_layout()
+    png = f"attention-{slug(card)}.png"
+    fig.savefig(DOCS / png, dpi=110)
+    plt.close(fig)
+    return lines + ["", f"![attention TFLOP/s]({png})", ""]
+
+
+def sp_section(records: list[dict], card: str) -> list[str]:
+    lines = ["## End-to-end step under sequence parallelism (bench_sp.py): Llama-3.1-8B shape, all memory features",
+             "", "| GPUs | layout | tokens | loss | loss at reference length − single GPU | peak GiB per GPU | "
+             "step s | tokens/s per GPU | model TFLOP/s per GPU |", "|---|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        for name, r in record["results"].items():
+            gpus = 1 if name == "single_gpu" else record["world"]
+            diff = f"{r['loss_diff_vs_single']:.1e}" if "loss_diff_vs_single" in r else "-"
+            lines.append(f"| {gpus} | {name} | {r['tokens']:,} | {r['loss']:.4f} | {diff} | {r['peak_gib']:.1f} | "
+                         f"{r['step_s']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} |")
+    return lines + [""]
+
+
+def check_section(records: list[dict]) -> list[str]:
+    lines = ["## CUDA/NCCL exactness (check_gpu.py, 4 GPUs)", "", "| check | max error | tolerance | ok |",
+             "|---|---|---|---|"]
+    for r in records[-1]["results"]:
+        lines.append(f"| {r['check']} | {r['error']:.2e} | {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")
+    return lines + [""]
+
+
+def main() -> None:
+    by_card: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for name in ("bench_memory", "bench_attention", "bench_sp", "check_gpu"):
+        for record in load(name):
+            by_card[record["card"]][name].append(record)
+    for card, groups in by_card.items():
+        first = next(iter(groups.values()))[0]
+        lines = [f"# Results on {card}", "", f"torch {first['torch']}, transformers {first['transformers']}, "
+                 "random weights. Every figure below comes from the JSON records in bench/results/ "
+                 "(each record names its card, date and code commit).", ""]
+        if groups["check_gpu"]:
+            lines += check_section(groups["check_gpu"])
+        if groups["bench_attention"]:
+            lines += attention_section(groups["bench_attention"], card)
+        if groups["bench_sp"]:
+            lines += sp_section(groups["bench_sp"], card)
+        if groups["bench_memory"]:
+            lines += memory_section(groups["bench_memory"], card)
+        out = DOCS / f"results-{slug(card)}.md"
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
