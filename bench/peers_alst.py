@@ -135,6 +135,8 @@ def global_mean(loss_sum: torch.Tensor, shift_labels: torch.Tensor, sp: int) -> 
 
 
 def prepare_alst(args, offload: str = "deepspeed") -> Contender:
+    if args.device != "cuda":
+        raise ValueError("the alst contenders need CUDA (Liger's Triton kernels, ZeRO-3); use `check-alst` on CPU.")
     import deepspeed
     import transformers
     from deepspeed.runtime.activation_checkpointing.offload_activations import (
@@ -143,8 +145,6 @@ def prepare_alst(args, offload: str = "deepspeed") -> Contender:
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-    if args.device != "cuda":
-        raise ValueError("the alst contenders need CUDA (Liger's Triton kernels, ZeRO-3); use `check-alst` on CPU.")
     deepspeed.init_distributed(dist_backend="nccl")
     world, sp = dist.get_world_size(), args.sp
     reentrant = offload == "arctic"
@@ -199,9 +199,14 @@ def self_check() -> dict:
         TiledFusedLogitsLoss, TiledMLP, UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter,
     )
     from deepspeed.utils import groups  # noqa: F401
-    from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: F401
 
     report = {"deepspeed": deepspeed.__version__}
+    if importlib.util.find_spec("triton") is not None:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: F401
+
+        report["liger"] = "imported"
+    else:
+        report["liger"] = "not imported: needs triton (GPU machines have it)"
     DeepSpeedConfig(ds_config(1, 1))
     report["config"] = "sp=1 config parsed"
     report["arctic_offload"] = "ok" if _try(arctic_offload_patch) else "arctic_training not installed"

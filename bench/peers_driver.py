@@ -4,7 +4,6 @@ length, each under a time limit, all under a total budget; collects the records,
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import queue
@@ -20,13 +19,13 @@ from bench.peers_contenders import ALST, NAMES
 from bench.run_peers import GRANULE
 
 ROOT = Path(__file__).resolve().parent.parent
-PORTS = itertools.count(29600)
 VERSION_KEYS = ("card", "gpus", "torch", "transformers", "cuda", "deepspeed", "liger_kernel")
 
 
 def driver_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run_peers drive")
     parser.add_argument("--gpus", type=int, default=4, help="GPUs this driver may use (ids 0..gpus-1)")
+    parser.add_argument("--first-gpu", type=int, default=0, help="use GPUs first-gpu .. first-gpu+gpus-1")
     parser.add_argument("--sp", type=int, default=4, help="GPUs (= processes, sp degree) per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on disjoint GPUs (they share the host)")
     parser.add_argument("--contenders", nargs="+", default=["longseq", "alst"], choices=NAMES)
@@ -54,7 +53,8 @@ class Driver:
         per_run = args.sp if args.device == "cuda" else 0
         count = max(1, min(args.jobs, args.gpus // max(per_run, 1)))
         for i in range(count):
-            self.slots.put([str(g) for g in range(i * per_run, (i + 1) * per_run)])
+            first = args.first_gpu + i * per_run
+            self.slots.put([str(g) for g in range(first, first + per_run)])
         self.concurrent = count
         self.records: list[dict] = []
         self.lock = threading.Lock()
@@ -97,9 +97,9 @@ class Driver:
         args = self.args
         tag = f"{contender}-{length}-{time.monotonic_ns()}"
         records, log_path = self.tmp / f"{tag}.jsonl", self.tmp / f"{tag}.log"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.sp), "--master-port",
-               str(next(PORTS)), "-m", "bench.run_peers", "--contender", contender, "--lengths", str(length),
-               "--sp", str(args.sp), "--shape", args.shape, "--timed", str(timed), "--seed", str(args.seed),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.sp), "-m",
+               "bench.run_peers", "--contender", contender, "--lengths", str(length), "--sp", str(args.sp),
+               "--shape", args.shape, "--timed", str(timed), "--seed", str(args.seed),
                "--device", args.device, "--records", str(records)]
         if args.layers:
             cmd += ["--layers", str(args.layers)]
@@ -132,18 +132,20 @@ class Driver:
             keys = ("contender", "length", "status", "first_step_loss", "peak_gib", "host_peak_gib", "step_s")
             print("peers:", {k: record.get(k) for k in keys}, flush=True)
 
-    def chain(self, contender: str) -> None:
-        """The contender's lengths in order; after a failure the longer ones are skipped."""
-        failed = None
+    def chain(self, contenders: list[str]) -> None:
+        """Shortest length first, every contender at it, then the next length; once a contender fails, its longer
+        lengths are skipped."""
+        failed = {}
         for length in sorted(self.args.lengths):
-            if failed is not None:
-                self.add(dict(bench="peers", contender=contender, length=length, sp=self.args.sp, status="skipped",
-                              error=f"a shorter length failed ({failed})"))
-                continue
-            record = self.run(contender, length, self.args.timed)
-            self.add(record)
-            if record["status"] != "ok":
-                failed = record["status"]
+            for contender in contenders:
+                if contender in failed:
+                    self.add(dict(bench="peers", contender=contender, length=length, sp=self.args.sp,
+                                  status="skipped", error=f"a shorter length failed ({failed[contender]})"))
+                    continue
+                record = self.run(contender, length, self.args.timed)
+                self.add(record)
+                if record["status"] != "ok":
+                    failed[contender] = record["status"]
 
     def search(self, contender: str) -> None:
         """Double from the first length until a run fails, then bisect at 64K granularity; one step per probe."""
@@ -151,7 +153,7 @@ class Driver:
         while length <= self.args.search_max and time.monotonic() < self.deadline - 30:
             record = {**self.run(contender, length, 0), "search": True}
             self.add(record)
-            if record["status"] == "skipped":
+            if record["status"] in ("skipped", "timeout"):  # a slow step says nothing about memory
                 break
             if record["status"] == "ok":
                 good = length
@@ -213,12 +215,17 @@ def table(records: list[dict]) -> str:
 def drive(argv: list[str]) -> None:
     args = driver_parser().parse_args(argv)
     driver = Driver(args)
-    work = driver.search if args.search else driver.chain
-    threads = [threading.Thread(target=work, args=(c,)) for c in args.contenders]
+    if args.search:
+        work = [(driver.search, (c,)) for c in args.contenders]
+    elif driver.concurrent == 1:
+        work = [(driver.chain, (args.contenders,))]  # one run at a time, length by length
+    else:
+        work = [(driver.chain, ([c],)) for c in args.contenders]  # one chain per contender, sharing the slots
+    threads = [threading.Thread(target=fn, args=a) for fn, a in work]
     for thread in threads:
         thread.start()
         if driver.concurrent == 1:
-            thread.join()  # one at a time, in the order given
+            thread.join()
     for thread in threads:
         thread.join()
     if driver.prebuild is not None and driver.prebuild.poll() is None:
