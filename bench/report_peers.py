@@ -1,0 +1,141 @@
+"""Report of bench.run_peers: per card, a table, two plots and the longseq / ALST ratios.
+
+    python -m bench.report_peers [bench/results/peers.jsonl]      # writes docs/peers-<card>.md and its PNGs
+
+Records of different cards are never mixed (an H200 figure is never compared with an H100 one). When a contender ran
+several times at one (sp, layers, length), the latest record counts. ALST is represented by the better of its two
+offload flavours (alst, alst-arctic-offload) at each point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ALST = ("alst", "alst-arctic-offload")
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest(records: list[dict]) -> dict:
+    """(contender, sp, layers, length) -> the latest ok-or-failed measured record (searches and skips left out)."""
+    found = {}
+    for r in records:
+        if r.get("status") in ("search", "skipped") or r.get("length") is None:
+            continue
+        found[(r["contender"], r.get("sp"), str(r.get("layers", "full")), r["length"])] = r
+    return found
+
+
+def best_alst(points: dict, sp, layers, length):
+    """The faster ok ALST flavour at this point (or any failed one when none is ok)."""
+    options = [points.get((name, sp, layers, length)) for name in ALST]
+    ok = [r for r in options if r and r.get("status") == "ok"]
+    if ok:
+        return max(ok, key=lambda r: r.get("tokens_per_s_per_gpu") or 0)
+    return next((r for r in options if r), None)
+
+
+def longest_ok(points: dict, names, sp, layers):
+    lengths = [k[3] for k, r in points.items() if k[0] in names and k[1] == sp and k[2] == layers
+               and r.get("status") == "ok"]
+    return max(lengths, default=None)
+
+
+def summary(records: list[dict]) -> dict:
+    """longseq / ALST ratios per (sp, layers): longest length that ran, tokens/s at equal length, loss difference."""
+    points = latest(records)
+    for r in records:  # search probes count for the longest length too
+        if r.get("status") == "ok" and r.get("search"):
+            points.setdefault((r["contender"], r.get("sp"), str(r.get("layers", "full")), r["length"]), r)
+    out = defaultdict(dict)
+    for (name, sp, layers, length), mine in sorted(points.items(), key=lambda kv: str(kv[0])):
+        if name != "longseq":
+            continue
+        key = f"sp{sp}/layers={layers}"
+        peer = best_alst(points, sp, layers, length)
+        if peer and peer.get("status") == "ok" and mine.get("status") == "ok" and mine.get("timed_steps"):
+            out[key][f"tokens_per_s_ratio@{length}"] = round(mine["tokens_per_s_per_gpu"] / peer["tokens_per_s_per_gpu"], 3)
+            out[key][f"loss_diff@{length}"] = round(mine["first_step_loss"] - peer["first_step_loss"], 5)
+            out[key][f"peak_gib_longseq/alst@{length}"] = f"{mine['peak_gib']:.1f}/{peer['peak_gib']:.1f}"
+        hf = points.get(("hf", sp, layers, length))
+        if hf and hf.get("status") == "ok" and mine.get("status") == "ok":
+            out[key][f"loss_diff_vs_hf@{length}"] = round(mine["first_step_loss"] - hf["first_step_loss"], 5)
+    for sp, layers in {(k[1], k[2]) for k in points}:
+        mine, peer = longest_ok(points, ("longseq",), sp, layers), longest_ok(points, ALST, sp, layers)
+        if mine or peer:
+            entry = out[f"sp{sp}/layers={layers}"]
+            entry["longest_ok_longseq"], entry["longest_ok_alst"] = mine, peer
+            if mine and peer:
+                entry["longest_ratio"] = round(mine / peer, 3)
+    return {"ratios_longseq_over_alst": dict(out)}
+
+
+def plot(points: dict, card_slug: str, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for metric, label in (("peak_gib", "peak GPU memory, GiB (max over ranks)"),
+                          ("tokens_per_s_per_gpu", "tokens/s per GPU")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        series = defaultdict(list)
+        for (name, sp, layers, length), r in sorted(points.items(), key=lambda kv: kv[0][3]):
+            if r.get("status") == "ok" and r.get(metric) == r.get(metric) and r.get(metric) is not None:
+                series[f"{name} sp={sp} layers={layers}"].append((length / 1024, r[metric]))
+        for label_, xy in sorted(series.items()):
+            ax.plot(*zip(*xy), marker="o", label=label_)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length, K tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        name = f"peers-{card_slug}-{'memory' if metric == 'peak_gib' else 'speed'}.png"
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_card(card: str, records: list[dict], folder: Path) -> Path:
+    from bench.peers_driver import table
+
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    points = latest(records)
+    images = plot(points, slug, folder)
+    info = next((r for r in records if r.get("torch")), {})
+    lines = [f"# Peers on {card}", "",
+             f"torch {info.get('torch')}, transformers {info.get('transformers')}, deepspeed "
+             f"{next((r.get('deepspeed') for r in records if r.get('deepspeed')), '–')}, CUDA {info.get('cuda')}. "
+             "Generated by `python -m bench.report_peers` from bench/results/peers.jsonl; see docs/peers.md for what "
+             "each contender runs.", "",
+             table([r for k, r in sorted(points.items(), key=lambda kv: str(kv[0]))] +
+                   [r for r in records if r.get("status") == "search"]), "",
+             "```json", json.dumps(summary(records), indent=1), "```", ""]
+    lines += [f"![{name}]({name})" for name in images]
+    path = folder / f"peers-{slug}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "results" / "peers.jsonl"
+    by_card = defaultdict(list)
+    for r in load(source):
+        by_card[r.get("card", "unknown")].append(r)
+    for card, records in sorted(by_card.items()):
+        path = write_card(card, records, ROOT / "docs")
+        print(card, "->", path.relative_to(ROOT), json.dumps(summary(records)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Side by side on the same GPUs: plain HF, DeepSpeed ALST and longseq, one training step each on identical tokens.
+
+    python -m bench.run_peers drive --gpus 4 --sp 4 --lengths 65536 131072 --contenders longseq alst   # driver
+    python -m bench.run_peers drive --gpus 4 --sp 1 --jobs 2 --lengths 16384 32768 --contenders hf longseq alst
+    python -m bench.run_peers drive --gpus 4 --sp 4 --layers 4 --search --lengths 262144 --contenders longseq alst
+    torchrun --nproc-per-node 4 -m bench.run_peers --sp 4 --contender alst --lengths 65536          # one run
+    CUDA_VISIBLE_DEVICES=0 torchrun --nproc-per-node 1 -m bench.run_peers --sp 1 --contender hf --lengths 16384
+    python -m bench.run_peers drive --device cpu --sp 1 --shape llama-1b --layers 2 --lengths 256 \
+        --contenders hf longseq longseq-nooptim                                                     # CPU smoke run
+    python -m bench.run_peers check-alst                                                            # CPU: ALST code path
+
+The driver starts one fresh torchrun per contender and length (an OOM or a crash cannot poison the next run, and host
+memory is measured per run), each with a time limit, under a total --budget; --jobs N runs N of them at once on
+disjoint GPUs (say so when quoting speed: they share the host's cores). Contenders (bench/peers_contenders.py,
+bench/peers_alst.py): hf (transformers + checkpointing, forward + backward only, one GPU), alst and
+alst-arctic-offload (DeepSpeed ZeRO-3 + CPU Adam, Ulysses, TiledMLP, TiledFusedLogitsLoss, Liger RoPE/RMSNorm,
+checkpoint offload by DeepSpeed's context manager or ArcticTraining's patch), longseq (longseq.apply + the trainer's
+FSDP2 with CPU offload and AdamW), longseq-nooffload, longseq-nooptim. Every model is the random-weight shape from
+the same seed and every run sees the same token ids, so first-step losses must agree. --search finds the longest
+length that fits (doubling, then bisecting at 64K, one step each). Records go to bench/results/peers.jsonl (and
+$OUT/peers.jsonl); the driver prints a table and ends with one JSON line. bench/report_peers.py plots them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bench.common import machine, model_flops, synchronize, timed
+
+GRANULE = 65536
+
+
+def make_tokens(length: int, vocab: int, seed: int) -> torch.Tensor:
+    """The same (1, length) token ids for every contender: a seeded CPU generator."""
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def host_peak_gib() -> float:
+    """This process's peak resident host memory (VmHWM), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def versions() -> dict:
+    found = machine()
+    for name in ("deepspeed", "liger_kernel", "arctic_training"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = getattr(module, "__version__", "?")
+    return found
+
+
+def measure(contender, length: int, args, device: torch.device) -> dict:
+    """First step (its loss; the warm-up), then --timed steps; peaks are the max over ranks of the whole run."""
+    tokens = make_tokens(length, contender.config.vocab_size, args.seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    loss = contender.step(tokens)
+    seconds = timed(lambda: contender.step(tokens), args.timed) if args.timed else float("nan")
+    synchronize()
+    cuda = device.type == "cuda"
+    peaks = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                          torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, host_peak_gib()],
+                         device=device, dtype=torch.float64)
+    world = dist.get_world_size()
+    if world > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return dict(status="ok", first_step_loss=loss, peak_gib=peaks[0].item(), reserved_gib=peaks[1].item(),
+                host_peak_gib=peaks[2].item(), step_s=seconds, tokens_per_s_per_gpu=length / seconds / world,
+                tflops_per_gpu=model_flops(length, contender.config) / seconds / world / 1e12)
+
+
+def base_record(args, length: int, world: int) -> dict:
+    return dict(bench="peers", contender=args.contender, shape=args.shape, layers=args.layers or "full",
+                length=length, sp=args.sp, world=world, timed_steps=args.timed, seed=args.seed, device=args.device,
+                omp_threads=os.environ.get("OMP_NUM_THREADS"), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+
+
+def emit(record: dict, records: str | None) -> None:
+    line = json.dumps(record, sort_keys=True, default=str)
+    if records:
+        with open(records, "a") as fh:
+            fh.write(line + "\n")
+    else:
+        from bench.common import write_record
+
+        write_record("peers", record)
+    print(line, flush=True)
+
+
+def classify(exc: BaseException) -> str:
+    oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return "oom" if oom else "error"
+
+
+def worker(args) -> None:
+    """One torchrun: one contender, its lengths in order (stops at the first failure)."""
+    from bench.peers_contenders import prepare
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    length = args.lengths[0]
+    try:
+        contender = prepare(args.contender, args)
+        for length in args.lengths:
+            result = measure(contender, length, args, device)
+            if rank == 0:
+                emit({**base_record(args, length, world), **result, "settings": contender.settings,
+                      "layers_built": contender.config.num_hidden_layers, **versions()}, args.records)
+    except BaseException as exc:  # noqa: BLE001 - one failing rank must still leave a record behind
+        record = {**base_record(args, length, world), "status": classify(exc), "rank": rank,
+                  "error": f"{type(exc).__name__}: {str(exc)[:600]}", **versions()}
+        traceback.print_exc()
+        if args.records:
+            Path(f"{args.records}.rank{rank}.err").write_text(json.dumps(record, default=str))
+        else:
+            print(json.dumps(record, default=str), flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # peers may sit in a collective: no destroy_process_group
+    dist.destroy_process_group()
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contender", default="longseq")
+    parser.add_argument("--sp", type=int, default=1, help="sequence-parallel degree = processes of one run")
+    parser.add_argument("--shape", default="llama-8b", choices=["llama-8b", "llama-1b"])
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (stated in the record)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[65536])
+    parser.add_argument("--timed", type=int, default=1, help="timed steps after the first; 0: memory only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--records", default=None, help="append rank 0's records here (the driver sets it)")
+    return parser
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["drive"]:
+        from bench.peers_driver import drive
+
+        drive(sys.argv[2:])
+    elif sys.argv[1:2] == ["check-alst"]:
+        from bench.peers_alst import self_check
+
+        print(json.dumps(self_check()))
+    else:
+        worker(worker_parser().parse_args())
+
+
+if __name__ == "__main__":
+    main()
