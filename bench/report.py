@@ -53,12 +53,16 @@ def memory_section(records: list[dict], card: str) -> list[str]:
             ax.plot(*zip(*points), marker="o", label=label)
     ax.axhline(79, color="grey", linestyle="--", label="79 GiB cap")
     ax.set(xscale="log", xlabel="tokens", ylabel="peak GPU memory (GiB)", title=f"Llama-3.1-8B shape, 1 GPU, {card}")
-    ax.legend(fontsize=7)
+    return lines + save_plot(fig, ax, f"memory-{slug(card)}.png", "peak memory vs length", legend_size=7)
+
+
+def save_plot(fig, ax, png: str, alt: str, legend_size=None) -> list[str]:
+    """Write the figure into docs/ and return the markdown lines that show it."""
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    png = f"memory-{slug(card)}.png"
     fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
-    return lines + ["", f"![peak memory vs length]({png})", ""]
+    return ["", f"![{alt}]({png})", ""]
 
 
 def attention_section(records: list[dict], card: str) -> list[str]:
@@ -79,12 +83,7 @@ def attention_section(records: list[dict], card: str) -> list[str]:
         lines.append(f"| {row['length']:,} | {row['single_gpu_tflops']:.0f} | {cells} |")
     ax.set(xscale="log", xlabel="tokens (whole sequence)", ylabel="TFLOP/s per GPU", ylim=(0, None),
            title=f"Sequence-parallel attention, {record['world']} × {card}")
-    ax.legend()
-    fig.tight_layout()
-    png = f"attention-{slug(card)}.png"
-    fig.savefig(DOCS / png, dpi=110)
-    plt.close(fig)
-    return lines + ["", f"![attention TFLOP/s]({png})", ""]
+    return lines + save_plot(fig, ax, f"attention-{slug(card)}.png", "attention TFLOP/s")
 
 
 def sp_section(records: list[dict], card: str) -> list[str]:
