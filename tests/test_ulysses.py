@@ -136,6 +136,26 @@ def test_attention_exchange(sp):
     run_distributed(_attention_level, sp, sp)
 
 
+def _flex_forward(family: str):
+    """FlexAttention under Ulysses: logits equal the unsharded model's (CPU flex has no backward: forward only)."""
+    mesh = longseq.init_mesh(sp=2)
+    model = tiny_model(family, attn="flex_attention").eval()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    data = batch(130, rows=2, documents=[1, 50, 33, 46])
+    longseq.apply(model, mesh)
+    local = longseq.shard_batch(data, mesh)
+    with torch.no_grad():
+        ref = reference(input_ids=data["input_ids"], position_ids=data["position_ids"], use_cache=False).logits
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+    torch.testing.assert_close(longseq.gather_sequence(logits, mesh, 130), ref, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_flex_attention_forward(family):
+    run_distributed(_flex_forward, 2, family)
+
+
 def _collectives():
     """One all-to-all each way per layer (q, k, v travel together) and two tiny all-gathers per forward."""
     mesh = longseq.init_mesh(sp=2)

@@ -2,7 +2,8 @@
 
 The model keeps calling `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`; longseq registers one function per
 applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the whole sequence's attention on H/U heads
-(a local SDPA kernel, the model's own flash kernel, or ring attention across the ring group) → all-to-all back.
+(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group) →
+all-to-all back. FlexAttention gets a BlockMask of causal, same-document (and sliding-window) blocks.
 The name is not in transformers' mask registry, so transformers builds no attention mask at all: documents are read
 from position_ids instead (parallel/documents.py), once per forward pass.
 """
@@ -22,7 +23,7 @@ from longseq.parallel.documents import document_boundaries
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 
-SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3")
+SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _names = itertools.count()
 
 
@@ -51,6 +52,7 @@ class _Documents:
         self.mesh = mesh
         self._key = None
         self._boundaries = None
+        self._block_masks = {}
 
     def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
         if position_ids is None:
@@ -62,7 +64,14 @@ class _Documents:
         if self._key is None or self._key[0] is not key[0] or self._key[1] != key[1]:
             self._boundaries = document_boundaries(self._gather(position_ids))
             self._key = key
+            self._block_masks = {}
         return self._boundaries
+
+    def block_mask(self, window: int | None, length: int, device):
+        """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward."""
+        if window not in self._block_masks:
+            self._block_masks[window] = document_block_mask(self._boundaries, window, length, device)
+        return self._block_masks[window]
 
     def _gather(self, position_ids: torch.Tensor) -> torch.Tensor:
         mesh = self.mesh
@@ -107,6 +116,10 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
         window = kwargs.get("sliding_window")
         if mesh.ring > 1:
             out = _ring(mesh, q, k, v, scale, boundaries, window, dropout)
+        elif implementation == "flex_attention":
+            block_mask = documents.block_mask(window, q.shape[2], q.device)
+            out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
+                           kernel_options=kwargs.get("kernel_options"))
         elif implementation == "sdpa":
             out = causal_attention(q, k, v, scale=scale, boundaries=boundaries, sliding_window=window,
                                    dropout=dropout).transpose(1, 2)
@@ -133,6 +146,22 @@ def _ring(mesh, q, k, v, scale, boundaries, window, dropout):
     single = all(len(row) == 2 for row in boundaries)
     out = ring_attention(mesh.ring_group, q, k, v, scale=scale, boundaries=None if single else boundaries)
     return out.transpose(1, 2)
+
+
+def document_block_mask(boundaries: list[list[int]], window: int | None, length: int, device):
+    """Causal, same-document (and q − k < window) BlockMask; O(S²/128²) to build, no S×S tensor."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    document = torch.stack([
+        torch.repeat_interleave(torch.arange(len(row) - 1, device=device), torch.tensor(row, device=device).diff())
+        for row in boundaries
+    ])
+
+    def mask(b, h, q, k):
+        allowed = (k <= q) & (document[b, q] == document[b, k])
+        return allowed & (q - k < window) if window is not None else allowed
+
+    return create_block_mask(mask, len(boundaries), None, length, length, device=device)
 
 
 def _full_positions(boundaries: list[list[int]], device) -> torch.Tensor:
