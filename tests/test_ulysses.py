@@ -156,6 +156,39 @@ def test_flex_attention_forward(family):
     run_distributed(_flex_forward, 2, family)
 
 
+def _fake_flash(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                position_ids=None, **kwargs):
+    """Stands in for flash-attention's transformers wrapper: documents from position_ids, (B, S, H, D) out."""
+    from longseq.parallel.documents import document_boundaries
+
+    assert attention_mask is None
+    out = causal_attention(query, key, value, scale=scaling, boundaries=document_boundaries(position_ids),
+                           sliding_window=sliding_window)
+    return out.transpose(1, 2), None
+
+
+def _flash_delegation(family: str):
+    """What longseq hands a flash kernel (gathered heads, per-document position_ids, window) gives exact results."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("flash_attention_2", _fake_flash)
+    mesh = longseq.init_mesh(sp=2)
+    model = tiny_model(family)
+    reference_model = copy.deepcopy(model)
+    data = batch(130, rows=2, documents=[1, 50, 33, 46])
+    ref_loss, _, ref_grads = reference(reference_model, data)
+    longseq.apply(model, mesh, attention="flash_attention_2")
+    loss, _, grads = sharded(model, data, mesh)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_flash_attention_delegation(family):
+    run_distributed(_flash_delegation, 2, family)
+
+
 def _collectives():
     """One all-to-all each way per layer (q, k, v travel together) and two tiny all-gathers per forward."""
     mesh = longseq.init_mesh(sp=2)
