@@ -1,0 +1,39 @@
+"""The library under FSDP2 (as `longseq train` applies it): sequence parallelism and every memory feature give the
+unsharded model's loss and gradients, with FSDP2's own gradient averaging (Note [Exact global loss])."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import longseq
+from longseq.train.engine import apply_fsdp
+from tests.distributed import run_distributed
+from tests.models import batch, tiny_model
+
+TOL = dict(atol=3e-5, rtol=1e-4)
+
+
+def _fsdp(ring: int, memory: bool):
+    mesh = longseq.init_mesh(sp=2, ring=ring)
+    model = tiny_model("llama", tie_word_embeddings=True)
+    reference = copy.deepcopy(model)
+    data = batch(130, rows=2, documents=[1, 50, 33, 46])
+    ref_loss = reference(**data, use_cache=False).loss
+    ref_loss.backward()
+    config = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0) if memory else None
+    longseq.apply(model, mesh, config)
+    apply_fsdp(model, torch.device("cpu"), param_dtype=torch.float32, cpu_offload=False)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), expected[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("ring,memory", [(1, True), (2, True), (1, False)])
+def test_fsdp2_matches_unsharded(ring, memory):
+    run_distributed(_fsdp, 2, ring, memory)
