@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from longseq.cli import main as cli_main
 from longseq.train.config import ConfigError, field_docs, from_dict, load_config, sections
@@ -76,3 +77,12 @@ def test_cli_errors(capsys):
 def test_demo_yaml_is_the_embedded_demo():
     assert load_config(ROOT / "configs" / "demo.yaml") == from_dict(DEMO)
     load_config(ROOT / "configs" / "llama-8b-64k.yaml")
+
+
+def test_train_flops_counts_attention_per_document():
+    from longseq.train.metrics import train_flops
+
+    whole = torch.arange(8)[None]
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    assert train_flops(10, 2, 4, whole) == 6 * 10 * 8 + 6 * 2 * 4 * 8**2
+    assert train_flops(10, 2, 4, packed) == 6 * 10 * 8 + 6 * 2 * 4 * (3**2 + 5**2)

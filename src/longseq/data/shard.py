@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from longseq.mesh import Mesh
-from longseq.parallel.balance import zigzag_order
+from longseq.parallel.balance import natural_order, zigzag_order
 
 IGNORE_INDEX = -100
 
@@ -118,7 +118,5 @@ def gather_sequence(local: torch.Tensor, mesh: Mesh, length: int | None = None) 
     pieces = [torch.empty_like(local) for _ in range(mesh.sp)]
     dist.all_gather(pieces, local, group=mesh.sp_group)
     permuted = torch.cat(pieces, dim=1)
-    order = zigzag_order(permuted.shape[1], mesh.ring, device=permuted.device)
-    natural = torch.empty_like(permuted)
-    natural[:, order] = permuted
+    natural = natural_order(permuted, mesh.ring)
     return natural if length is None else natural[:, :length]

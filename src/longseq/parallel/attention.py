@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longseq.mesh import Mesh
-from longseq.parallel.balance import zigzag_order
+from longseq.parallel.balance import natural_order
 from longseq.parallel.documents import document_boundaries
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
@@ -91,10 +91,7 @@ class _Documents:
         dist.all_gather(pieces, position_ids.contiguous(), group=mesh.sp_group)
         pieces = torch.stack(pieces)
         permuted = pieces.permute(1, 0, 2).flatten(1)
-        order = zigzag_order(permuted.shape[1], mesh.ring, device=permuted.device)
-        natural = torch.empty_like(permuted)
-        natural[:, order] = permuted
-        return natural
+        return natural_order(permuted, mesh.ring)
 
 
 def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:

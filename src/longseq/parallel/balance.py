@@ -29,3 +29,12 @@ def portion_positions(length: int, ring: int, ring_rank: int) -> torch.Tensor:
     """Global token indices of ring rank `ring_rank`'s portion, in local order."""
     per_rank = length // ring
     return zigzag_order(length, ring)[ring_rank * per_rank:(ring_rank + 1) * per_rank]
+
+
+def natural_order(permuted: torch.Tensor, ring: int) -> torch.Tensor:
+    """Undo zigzag_order along dim 1: the sp ranks' slices, concatenated in rank order, back in token order."""
+    if ring == 1:
+        return permuted
+    natural = torch.empty_like(permuted)
+    natural[:, zigzag_order(permuted.shape[1], ring, device=permuted.device)] = permuted
+    return natural

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from longseq.parallel.local import expand_kv
 from longseq.parallel.merge import accumulation_dtype
 
 aten = torch.ops.aten
@@ -30,7 +31,7 @@ _chosen: dict[tuple[str, torch.dtype], str] = {}
 
 
 def block_forward(q, k, v, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     if q.is_cuda:
         return _cuda("forward", q.dtype, q, k, v, causal, scale)
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -38,7 +39,7 @@ def block_forward(q, k, v, *, causal: bool, scale: float) -> tuple[torch.Tensor,
 
 def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     kv_heads = k.shape[1]
-    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
     args = [t.contiguous() for t in (dout, q, k, v, out, lse)]
     if q.is_cuda:
@@ -49,14 +50,8 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     return dq.to(acc), _fold_heads(dk, kv_heads, acc), _fold_heads(dv, kv_heads, acc)
 
 
-def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Like transformers' repeat_kv: kv head j serves query heads j·g … j·g + g − 1."""
-    groups = heads // t.shape[1]
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-
 def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of the g copies of each kv head (the adjoint of _expand_kv), in the accumulation dtype."""
+    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv), in the accumulation dtype."""
     b, heads, length, dim = grad.shape
     return grad.to(dtype).view(b, kv_heads, heads // kv_heads, length, dim).sum(2)
 

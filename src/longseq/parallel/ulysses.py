@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longseq.parallel.local import expand_kv
+
 
 def _exchange(group, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     """Split x into U pieces along scatter_dim, send piece i to rank i, join what arrives along gather_dim."""
@@ -69,8 +71,7 @@ def kv_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
 def heads_to_sequence_split(group, q, k, v, replicate_kv: int):
     """(B, H, s, D) per rank → (B, H/U, S, D): gather the sequence, scatter the heads (q, k, v in one exchange)."""
     if replicate_kv > 1:
-        k = k.repeat_interleave(replicate_kv, dim=1)
-        v = v.repeat_interleave(replicate_kv, dim=1)
+        k, v = expand_kv(k, replicate_kv), expand_kv(v, replicate_kv)
     world = dist.get_world_size(group) if group is not None else 1
     if world == 1:
         return q, k, v

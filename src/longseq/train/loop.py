@@ -167,7 +167,8 @@ def explain_oom(config: TrainConfig, mesh: Mesh, step: int) -> str:
         tips.append("switch on the memory features: --memory.tiled_loss=true (tiled MLP, tiled loss and "
                     "offloaded checkpoints all come on with any memory.* key)")
     else:
-        off = [k for k in ("tiled_loss", "tiled_mlp", "offload_checkpoints") if not getattr(config.memory, k)]
+        off = [k for k in ("tiled_loss", "tiled_mlp", "tiled_norms", "offload_checkpoints")
+               if not getattr(config.memory, k)]
         tips += [f"--memory.{k}=true" for k in off]
     tips.append(f"raise parallel.sp (now {mesh.sp}) with more GPUs: each rank holds seq_len / sp tokens")
     if not config.training.cpu_offload:

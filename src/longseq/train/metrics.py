@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from longseq.parallel.documents import document_boundaries
+
 # Dense bf16 peak TFLOP/s per accelerator (datasheets, without sparsity), matched against the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "B200": 2250.0, "MI300X": 1307.0}
@@ -38,11 +40,8 @@ def train_flops(params: int, layers: int, hidden: int, position_ids: torch.Tenso
 
     (Causal attention costs half of the 12·L·d·len² of full attention, per document since documents are masked.)
     """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    index = torch.nonzero(starts.flatten()).flatten()
-    lengths = torch.diff(index, append=torch.tensor([position_ids.numel()]))
-    return 6.0 * params * position_ids.numel() + 6.0 * layers * hidden * float((lengths.double() ** 2).sum())
+    lengths = [end - start for row in document_boundaries(position_ids) for start, end in zip(row[:-1], row[1:])]
+    return 6.0 * params * position_ids.numel() + 6.0 * layers * hidden * float(sum(n * n for n in lengths))
 
 
 def peak_memory_gib(device: torch.device) -> float:
