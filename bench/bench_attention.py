@@ -30,7 +30,7 @@ def causal_flops(tokens: int) -> float:
     return 3.5 * 4 * tokens**2 * HEADS * DIM / 2
 
 
-def sp_step(mesh, local_tokens: int):
+def sp_step(mesh, local_tokens: int, kernel: str = "sdpa"):
     q = torch.randn(1, HEADS, local_tokens, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, KV_HEADS, local_tokens, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
@@ -39,7 +39,7 @@ def sp_step(mesh, local_tokens: int):
     def step():
         sq, sk, sv = heads_to_sequence_split(mesh.ulysses_group, q, k, v, replicate)
         if mesh.ring > 1:
-            out = ring_attention(mesh.ring_group, sq, sk, sv, scale=DIM**-0.5)
+            out = ring_attention(mesh.ring_group, sq, sk, sv, scale=DIM**-0.5, kernel=kernel)
         else:
             out = causal_attention(sq, sk, sv, scale=DIM**-0.5)
         out = sequence_to_heads_split(mesh.ulysses_group, out.transpose(1, 2))
@@ -56,12 +56,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--flex", action="store_true", help="also ring/hybrid on FlexAttention block kernels")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     world = dist.get_world_size()
     layouts = {"ulysses": 1, "ring": world, **({"hybrid": 2} if world >= 4 else {})}
-    meshes = {name: longseq.init_mesh(sp=world, ring=ring) for name, ring in layouts.items()}
+    meshes = {name: (longseq.init_mesh(sp=world, ring=ring), "sdpa") for name, ring in layouts.items()}
+    if args.flex:
+        meshes.update({f"{name}_flex": (mesh, "flex") for name, (mesh, _) in meshes.items() if mesh.ring > 1})
     rows = []
     for length in args.lengths:
         row = dict(length=length)
@@ -71,8 +74,8 @@ def main() -> None:
         seconds = timed(step, args.repeats)
         row["single_gpu_tokens"] = same_work
         row["single_gpu_tflops"] = causal_flops(same_work) / seconds / 1e12
-        for name, mesh in meshes.items():
-            step = sp_step(mesh, length // world)
+        for name, (mesh, kernel) in meshes.items():
+            step = sp_step(mesh, length // world, kernel)
             step()
             seconds = timed(step, args.repeats)
             row[f"{name}_s"] = seconds

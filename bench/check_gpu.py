@@ -1,7 +1,7 @@
 """Exactness of the CUDA/NCCL paths that CPU tests cannot reach: attention kernels, ring/Ulysses/hybrid over NCCL,
 and the memory features (pinned offload on a side stream), each against an unsharded fp32 reference.
 
-    torchrun --nproc-per-node 4 -m bench.check_gpu
+    torchrun --nproc-per-node 4 -m bench.check_gpu      (or 2 GPUs: sp = the world size, ring sizes up to it)
 
 Prints one line per check with the max error and its tolerance, and ends with one JSON line.
 """
@@ -53,10 +53,15 @@ def check_kernels() -> None:
             error = max((a.float() - b).abs().max().item() for a, b in
                         ((out, ref), (dq, ref_q.grad), (dk, ref_k.grad), (dv, ref_v.grad)))
             report(f"kernel {backend} causal={causal}", error, 5e-2)
+        out, lse = kernels.block_forward(q, k, v, causal=causal, scale=0.1, kernel="flex")
+        grads = kernels.block_backward(dout, q, k, v, out, lse, causal=causal, scale=0.1, kernel="flex")
+        error = max((a.float() - b).abs().max().item() for a, b in
+                    zip((out, *grads), (ref, ref_q.grad, ref_k.grad, ref_v.grad)))
+        report(f"kernel flex causal={causal}", error, 5e-2)
     kernels._chosen.clear()
 
 
-def check_attention(mesh, length: int, boundaries) -> None:
+def check_attention(mesh, length: int, boundaries, kernel: str = "sdpa") -> None:
     """Ring/hybrid/Ulysses attention (bf16, NCCL) vs the whole sequence's attention in fp32 on one GPU."""
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 8, length, 128, device="cuda"), torch.randn(2, 2, length, 128, device="cuda"), \
@@ -71,7 +76,7 @@ def check_attention(mesh, length: int, boundaries) -> None:
     local = [t.detach()[:, :, piece].bfloat16().requires_grad_() for t in (q, k, v)]
     sq, sk, sv = heads_to_sequence_split(mesh.ulysses_group, *local, replicate_kv=kv_replication(8, 2, mesh.ulysses))
     if mesh.ring > 1:
-        out = ring_attention(mesh.ring_group, sq, sk, sv, scale=0.088, boundaries=boundaries)
+        out = ring_attention(mesh.ring_group, sq, sk, sv, scale=0.088, boundaries=boundaries, kernel=kernel)
     else:
         out = causal_attention(sq, sk, sv, scale=0.088, boundaries=boundaries)
     out = sequence_to_heads_split(mesh.ulysses_group, out.transpose(1, 2)).transpose(1, 2)
@@ -79,10 +84,11 @@ def check_attention(mesh, length: int, boundaries) -> None:
     error = max((out.float() - ref[:, :, piece]).abs().max().item(),
                 *((a.grad.float() - b.grad[:, :, piece]).abs().max().item() for a, b in zip(local, full)))
     assert per_rank * mesh.ring == length
-    report(f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None}", error, 6e-2)
+    report(f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None} {kernel}", error,
+           6e-2)
 
 
-def check_model(mesh, memory) -> None:
+def check_model(mesh, memory, attn: str = "sdpa") -> None:
     """A small Llama on the GPU, sharded (and memory features) vs the plain model: fp32 for Ulysses; bf16 (relative
     to the plain model in bf16) for ring, whose CUDA kernels take bf16/fp16 only."""
     import transformers
@@ -93,8 +99,9 @@ def check_model(mesh, memory) -> None:
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).train()
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).train()
     reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 1000, (2, 1999), generator=g).cuda()
     positions = torch.cat([torch.arange(700), torch.arange(1299)]).cuda()[None].expand(2, -1)
@@ -110,7 +117,7 @@ def check_model(mesh, memory) -> None:
                 for n, p in model.named_parameters())
     error = max(error, abs(loss.item() - ref_loss.item()))
     stats = longseq.memory.offload_stats(model).peak_bytes if memory and memory.offload_checkpoints else 0
-    report(f"model u={mesh.ulysses} r={mesh.ring} memory={memory is not None} {dtype}", error,
+    report(f"model u={mesh.ulysses} r={mesh.ring} memory={memory is not None} {attn} {dtype}", error,
            1e-3 if dtype == torch.float32 else 5e-2, host_peak_bytes=stats)
 
 
@@ -118,12 +125,16 @@ def main() -> None:
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     check_kernels()
-    for ring in (1, 2, 4):
-        mesh = longseq.init_mesh(sp=4, ring=ring)
-        for boundaries in (None, [[0, 3000, 3001, 16384], [0, 9000, 16384]]):
-            check_attention(mesh, 16384, boundaries)
+    world = dist.get_world_size()
+    for ring in (r for r in (1, 2, 4) if r <= world):
+        mesh = longseq.init_mesh(sp=world, ring=ring)
+        for kernel in ("sdpa", "flex") if ring > 1 else ("sdpa",):
+            for boundaries in (None, [[0, 3000, 3001, 16384], [0, 9000, 16384]]):
+                check_attention(mesh, 16384, boundaries, kernel)
         check_model(mesh, None)
         check_model(mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0))
+        if ring > 1:
+            check_model(mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0), attn="flex_attention")
     if dist.get_rank() == 0:
         write_record("check_gpu", dict(bench="check_gpu", results=RESULTS, all_ok=all(r["ok"] for r in RESULTS),
                                        **machine()))

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longseq.parallel import kernels
 from longseq.parallel import ring as ring_module
 from longseq.parallel.balance import portion_positions
 from longseq.parallel.kernels import block_forward
@@ -82,18 +83,21 @@ def _reference(q, k, v, grad, boundaries, scale):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check_case(group, ring_size: int, rank: int, case: Case) -> None:
+def _check_case(group, ring_size: int, rank: int, case: Case, kernel: str = "sdpa", backward: bool = True) -> None:
     length = ring_size * LOCAL_LEN
     (q, k, v, grad), boundaries = _inputs(case, length)
     scale = case.dim ** -0.5
     expected = _reference(q, k, v, grad, boundaries, scale)
     pos = portion_positions(length, ring_size, rank)
-    local = [t[:, :, pos].clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(group, *local, scale=scale, boundaries=boundaries)
-    out.backward(grad[:, :, pos])
+    local = [t[:, :, pos].clone().requires_grad_(backward) for t in (q, k, v)]
+    out = ring_attention(group, *local, scale=scale, boundaries=boundaries, kernel=kernel)
     tol = BF16 if case.dtype == torch.bfloat16 else FP32
     assert out.dtype == case.dtype
-    for name, got, want in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in local], expected):
+    results = [out]
+    if backward:
+        out.backward(grad[:, :, pos])
+        results += [t.grad for t in local]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected):
         torch.testing.assert_close(
             got.double(), want[:, :, pos], **tol, msg=lambda m: f"{case.name}, R={ring_size}, {name}: {m}"
         )
@@ -155,6 +159,37 @@ def _precision(ring_size: int) -> None:
 @pytest.mark.parametrize("ring_size", [2, 4])
 def test_ring_matches_unsharded_reference(ring_size):
     run_distributed(_ring_cases, ring_size, ring_size)
+
+
+def _math_block(q, k, v, causal: bool, scale: float):
+    """A differentiable (out, lse) attention block: the contract of kernels.flex_forward, with a backward on CPU."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = (scores - lse.unsqueeze(-1)).exp() @ v.double()
+    return out.to(q.dtype), lse.to(torch.promote_types(q.dtype, torch.float32))
+
+
+def _flex_ring(ring_size: int) -> None:
+    group, rank = dist.group.WORLD, dist.get_rank()
+    # The real FlexAttention forward (CPU flex has no backward; bench/check_gpu.py runs it on CUDA) ...
+    for case in CASES:
+        _check_case(group, ring_size, rank, case, kernel="flex", backward=False)
+    # ... and the recompute backward through a differentiable stand-in with flex's contract.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "flex_forward", _math_block)
+        for case in CASES:
+            _check_case(group, ring_size, rank, case, kernel="flex")
+    with pytest.raises(ValueError, match="kernel='cudnn' is not one of"):
+        ring_attention(group, *(torch.randn(1, 2, LOCAL_LEN, 8) for _ in range(3)), scale=0.3, kernel="cudnn")
+
+
+@pytest.mark.parametrize("ring_size", [2, 4])
+def test_flex_ring_kernel(ring_size):
+    run_distributed(_flex_ring, ring_size, ring_size)
 
 
 @pytest.mark.parametrize("ring_size", [2, 4])

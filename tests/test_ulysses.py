@@ -136,9 +136,10 @@ def test_attention_exchange(sp):
     run_distributed(_attention_level, sp, sp)
 
 
-def _flex_forward(family: str):
-    """FlexAttention under Ulysses: logits equal the unsharded model's (CPU flex has no backward: forward only)."""
-    mesh = longseq.init_mesh(sp=2)
+def _flex_forward(family: str, ring: int):
+    """FlexAttention under Ulysses, ring (flex block kernels) or both: logits equal the unsharded model's (CPU flex
+    has no backward: forward only; the ring's flex backward is tested in test_ring.py and bench/check_gpu.py)."""
+    mesh = longseq.init_mesh(sp=dist.get_world_size(), ring=ring)
     model = tiny_model(family, attn="flex_attention").eval()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
@@ -151,9 +152,9 @@ def _flex_forward(family: str):
     torch.testing.assert_close(longseq.gather_sequence(logits, mesh, 130), ref, **TOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_flex_attention_forward(family):
-    run_distributed(_flex_forward, 2, family)
+@pytest.mark.parametrize("family,sp,ring", [("llama", 2, 1), ("gemma3", 2, 1), ("llama", 2, 2), ("llama", 4, 2)])
+def test_flex_attention_forward(family, sp, ring):
+    run_distributed(_flex_forward, sp, family, ring)
 
 
 def _fake_flash(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,

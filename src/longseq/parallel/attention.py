@@ -2,7 +2,8 @@
 
 The model keeps calling `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`; longseq registers one function per
 applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the whole sequence's attention on H/U heads
-(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group) →
+(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group on
+SDPA or FlexAttention block kernels) →
 all-to-all back. FlexAttention gets a BlockMask of causal, same-document (and sliding-window) blocks.
 The name is not in transformers' mask registry, so transformers builds no attention mask at all: documents are read
 from position_ids instead (parallel/documents.py), once per forward pass.
@@ -24,6 +25,8 @@ from longseq.parallel.local import causal_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The ring's block kernels (kernels.py) for each attn_implementation that ring attention runs on.
+RING_KERNELS = {"sdpa": "sdpa", "flex_attention": "flex"}
 _names = itertools.count()
 
 
@@ -38,10 +41,11 @@ def check_implementation(implementation: str, ring: int) -> None:
         raise ValueError(
             f"attn_implementation={implementation!r} is not supported by longseq; use one of {SUPPORTED}."
         )
-    if ring > 1 and implementation != "sdpa":
+    if ring > 1 and implementation not in RING_KERNELS:
         raise ValueError(
-            f"Ring attention runs on PyTorch's SDPA kernels; load the model with attn_implementation='sdpa' "
-            f"instead of {implementation!r}, or use pure Ulysses (longseq.init_mesh(sp=..., ring=1))."
+            f"Ring attention runs on PyTorch's SDPA or FlexAttention kernels; load the model with "
+            f"attn_implementation='sdpa' (or 'flex_attention') instead of {implementation!r}, or use pure Ulysses "
+            "(longseq.init_mesh(sp=..., ring=1))."
         )
 
 
@@ -112,7 +116,7 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
         if mesh.ring > 1:
-            out = _ring(mesh, q, k, v, scale, boundaries, window, dropout)
+            out = _ring(mesh, q, k, v, scale, boundaries, window, dropout, RING_KERNELS[implementation])
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -130,7 +134,7 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
     return name
 
 
-def _ring(mesh, q, k, v, scale, boundaries, window, dropout):
+def _ring(mesh, q, k, v, scale, boundaries, window, dropout, kernel):
     from longseq.parallel.ring import ring_attention
 
     if window is not None and window < q.shape[2] * mesh.ring:
@@ -141,7 +145,8 @@ def _ring(mesh, q, k, v, scale, boundaries, window, dropout):
     if dropout:
         raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
     single = all(len(row) == 2 for row in boundaries)
-    out = ring_attention(mesh.ring_group, q, k, v, scale=scale, boundaries=None if single else boundaries)
+    out = ring_attention(mesh.ring_group, q, k, v, scale=scale, boundaries=None if single else boundaries,
+                         kernel=kernel)
     return out.transpose(1, 2)
 
 

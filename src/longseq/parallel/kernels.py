@@ -1,7 +1,7 @@
 """Block attention kernels that return the log-sum-exp, and their backward given a (merged) output and log-sum-exp.
 
-    block_forward(q, k, v, *, causal, scale)                      -> (out, lse)
-    block_backward(dout, q, k, v, out, lse, *, causal, scale)     -> (dq, dk, dv)
+    block_forward(q, k, v, *, causal, scale, kernel)                      -> (out, lse)
+    block_backward(dout, q, k, v, out, lse, *, causal, scale, kernel)     -> (dq, dk, dv)
 
 q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0. `causal` is only used on square blocks (Lq == Lk), where
 the top-left alignment of the aten ops is the usual causal mask. `out` is in q's dtype, `lse` (B, Hq, Lq) in fp32
@@ -11,11 +11,18 @@ The backward is the flash-attention one: it recomputes the block's probabilities
 rowsum(dout · out), so given the FINAL output and log-sum-exp of a row over all blocks, the gradients of the blocks add
 up to the exact gradient (see Note [Ring attention] in ring.py).
 
-CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward. CUDA: the cuDNN and flash SDPA ops, in the
-order of CUDA_BACKENDS; the one that last worked for a (direction, dtype) is tried first, the other when it refuses.
+kernel="sdpa" (default): on CPU aten._scaled_dot_product_flash_attention_for_cpu and its backward; on CUDA the cuDNN
+and flash SDPA ops, in the order of CUDA_BACKENDS; the one that last worked for a (direction, dtype) is tried first,
+the other when it refuses.
+
+kernel="flex": FlexAttention (compiled on CUDA; CPU runs its eager forward only). Flex has no public backward that
+takes a given output and log-sum-exp, so its backward recomputes the block under autograd and feeds the block's share
+of the merged gradient through it (recompute_backward): exact, at the cost of one more block forward per block.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -30,14 +37,21 @@ CUDA_BACKENDS = ("cudnn", "flash")
 _chosen: dict[tuple[str, torch.dtype], str] = {}
 
 
-def block_forward(q, k, v, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+KERNELS = ("sdpa", "flex")
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    if kernel == "flex":
+        return flex_forward(q, k, v, causal, scale)
     k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     if q.is_cuda:
         return _cuda("forward", q.dtype, q, k, v, causal, scale)
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa"):
+    if kernel == "flex":
+        return recompute_backward(flex_forward, dout, q, k, v, out, lse, causal, scale)
     kv_heads = k.shape[1]
     k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
@@ -110,3 +124,49 @@ _CUDA_OPS = {
     "cudnn": {"forward": _cudnn_forward, "backward": _cudnn_backward},
     "flash": {"forward": _flash_forward, "backward": _flash_backward},
 }
+
+
+def recompute_backward(forward, dout, q, k, v, out, lse, causal: bool, scale: float):
+    """q/k/v gradients of one block through a differentiable `forward(q, k, v, causal, scale) -> (o_b, lse_b)`.
+
+    The merged output is O = Σ_b w_b·o_b with w_b = exp(lse_b − L) (merge.py), so the block receives
+    dO·w_b on o_b and w_b·rowsum(dO·(o_b − O)) on lse_b; through the block's own softmax this gives the flash
+    gradient P·(dO·v − rowsum(dO·O)) with the global P = exp(s − L).
+    """
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        block_out, block_lse = forward(*inputs, causal, scale)
+    acc = accumulation_dtype(q.dtype)
+    weight = torch.exp(block_lse.to(acc) - lse.to(acc))
+    dout_acc = dout.to(acc)
+    grad_out = (weight.unsqueeze(-1) * dout_acc).to(block_out.dtype)
+    grad_lse = (weight * (dout_acc * (block_out.to(acc) - out.to(acc))).sum(-1)).to(block_lse.dtype)
+    dq, dk, dv = torch.autograd.grad((block_out, block_lse), inputs, (grad_out, grad_lse))
+    return dq.to(acc), dk.to(acc), dv.to(acc)
+
+
+def flex_forward(q, k, v, causal: bool, scale: float):
+    """FlexAttention with GQA (no KV expansion) and a causal BlockMask on square blocks; returns (out, lse)."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    mask = _causal_block_mask(q.shape[2], q.device) if causal else None
+    out, aux = _flex(q.device)(q, k, v, block_mask=mask, scale=scale, enable_gqa=True,
+                               return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+@functools.cache
+def _flex(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled flex materialises the whole score matrix; compiled it is a fused kernel (CPU tests use the former).
+    # Dynamic shapes: packed documents give many block shapes, which would exhaust dynamo's recompile limit and drop
+    # to the uncompiled kernel (seen on H200, bench/check_gpu.py).
+    return torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+
+
+@functools.cache
+def _causal_block_mask(length: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, k: k <= q, None, None, length, length, device=device)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longseq.parallel.kernels import block_backward, block_forward
+from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
 
 _KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
@@ -77,7 +77,9 @@ class _Run:
     steps: list[list[_Call]]
 
 
-def ring_attention(group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None) -> torch.Tensor:
+def ring_attention(
+    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa"
+) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
     q: (B, Hq, S_local, D); k, v: (B, Hkv, S_local, D) with Hq % Hkv == 0 (GQA), all in the zigzag layout of
@@ -85,31 +87,35 @@ def ring_attention(group, q, k, v, *, scale: float, boundaries: list[list[int]] 
     group: the ring's process group; None means no ring (R = 1, plain local causal attention).
     boundaries: per batch row, global document start offsets plus S at the end (documents.document_boundaries of the
         FULL sequence's position_ids); None = one causal document per row.
+    kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
     ring_size = _ring_size(group)
     _check_inputs(q, k, v, ring_size, boundaries)
+    if kernel not in KERNELS:
+        raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
     rank = 0 if group is None else dist.get_rank(group)
     plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan)
+    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan):
-        out, lse = ring_attention_forward(group, q, k, v, scale=scale, plan=plan)
+    def forward(ctx, group, q, k, v, scale, plan, kernel):
+        out, lse = ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.plan = group, scale, plan
+        ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan)
-        return None, dq, dk, dv, None, None
+        dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
+                                            kernel=ctx.kernel)
+        return None, dq, dk, dv, None, None, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run]):
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa"):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
     ring = _Ring(group) if _ring_size(group) > 1 else None
     steps = len(plan[0].steps)
@@ -121,7 +127,7 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run]):
             for call in run.steps[step]:
                 rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
                 block_out, block_lse = block_forward(
-                    q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale
+                    q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel
                 )
                 merge_(out[rq], lse[rq], block_out, block_lse)
         if pending is not None:
@@ -129,7 +135,9 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run]):
     return out.to(q.dtype), lse
 
 
-def ring_attention_backward(group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run]):
+def ring_attention_backward(
+    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa"
+):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
     ring = _Ring(group) if _ring_size(group) > 1 else None
     steps = len(plan[0].steps)
@@ -143,7 +151,8 @@ def ring_attention_backward(group, dout, q, k, v, out, lse, *, scale: float, pla
             for call in run.steps[step]:
                 rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
                 gq, gk, gv = block_backward(
-                    dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale
+                    dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
+                    kernel=kernel,
                 )
                 dq[rq] += gq
                 dk[rk] += gk
