@@ -84,8 +84,9 @@ def check_attention(mesh, length: int, boundaries, kernel: str = "sdpa") -> None
     error = max((out.float() - ref[:, :, piece]).abs().max().item(),
                 *((a.grad.float() - b.grad[:, :, piece]).abs().max().item() for a, b in zip(local, full)))
     assert per_rank * mesh.ring == length
+    # flex's recompute backward rounds each block's share of the gradient to bf16 once more (kernels.py).
     report(f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None} {kernel}", error,
-           6e-2)
+           8e-2 if kernel == "flex" else 6e-2)
 
 
 def check_model(mesh, memory, attn: str = "sdpa") -> None:

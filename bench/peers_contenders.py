@@ -48,19 +48,21 @@ def prepare_hf(args) -> Contender:
     return Contender(step, model.config, dict(optimizer="none", checkpointing="hf non-reentrant", attention="sdpa"))
 
 
-def prepare_longseq(args, *, optimizer: bool = True, offload: bool = True) -> Contender:
+def prepare_longseq(args, *, optimizer: bool = True, offload: bool = True, cache: bool = True) -> Contender:
     """longseq.apply with every memory feature, then the trainer's FSDP2 (train.engine.apply_fsdp: fully_shard per
     decoder layer, then the root; bf16 compute, fp32 reduce) over fp32 master weights, and the trainer's AdamW.
     offload=True: CPUOffloadPolicy (parameters, gradients and optimizer state on the host; FSDP2 cannot offload the
-    optimizer alone). optimizer=False: no FSDP, every rank holds the model (as bench_sp), forward + backward only."""
+    optimizer alone). optimizer=False: no FSDP, every rank holds the model (as bench_sp), forward + backward only.
+    cache=False: recompute attention in backward (MemoryConfig.cache_attention=False)."""
     import longseq
     from longseq.train.config import OptimSection
     from longseq.train.engine import apply_fsdp, build_optimizer
 
     mesh = longseq.init_mesh(sp=args.sp, ring=1)
     model = build_model(args.shape, args.layers, args.device, seed=args.seed)
-    longseq.apply(model, mesh, longseq.MemoryConfig())
-    settings = dict(memory="MemoryConfig() (tiled MLP, tiled loss, offloaded checkpoints)", sp=mesh.sp, dp=mesh.dp)
+    longseq.apply(model, mesh, longseq.MemoryConfig(cache_attention=cache))
+    settings = dict(memory=f"MemoryConfig(cache_attention={cache}) (tiled MLP, norms and loss, offloaded checkpoints)",
+                    sp=mesh.sp, dp=mesh.dp)
     opt = None
     if optimizer:
         offload = offload and mesh.device.type == "cuda"
@@ -68,7 +70,7 @@ def prepare_longseq(args, *, optimizer: bool = True, offload: bool = True) -> Co
         apply_fsdp(model, mesh.device, param_dtype=torch.bfloat16, cpu_offload=offload)
         section = OptimSection(lr=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", grad_clip=None)
         opt, _ = build_optimizer(model, section, steps=1000)
-        settings.update(optimizer="torch AdamW (foreach), fp32 states", fsdp="FSDP2 fully_shard per layer + root",
+        settings.update(optimizer="torch AdamW (fused), fp32 states", fsdp="FSDP2 fully_shard per layer + root",
                         cpu_offload="params+grads+optimizer" if offload else "none")
     else:
         settings.update(optimizer="none", fsdp="none (model replicated)")
@@ -91,6 +93,7 @@ CONTENDERS = {
     "hf": prepare_hf,
     "longseq": prepare_longseq,
     "longseq-nooffload": lambda args: prepare_longseq(args, offload=False),
+    "longseq-nocache": lambda args: prepare_longseq(args, cache=False),
     "longseq-nooptim": lambda args: prepare_longseq(args, optimizer=False),
 }
 

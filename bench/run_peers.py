@@ -15,8 +15,9 @@ disjoint GPUs (say so when quoting speed: they share the host's cores). Contende
 bench/peers_alst.py): hf (transformers + checkpointing, forward + backward only, one GPU), alst and
 alst-arctic-offload (DeepSpeed ZeRO-3 + CPU Adam, Ulysses, TiledMLP, TiledFusedLogitsLoss, Liger RoPE/RMSNorm,
 checkpoint offload by DeepSpeed's context manager or ArcticTraining's patch), longseq (longseq.apply + the trainer's
-FSDP2 with CPU offload and AdamW), longseq-nooffload, longseq-nooptim. Every model is the random-weight shape from
-the same seed and every run sees the same token ids, so first-step losses must agree. --search finds the longest
+FSDP2 with CPU offload and AdamW), longseq-nooffload, longseq-nocache (attention recomputed in backward),
+longseq-nooptim. Every model is the random-weight shape from the same seed and every run sees the same token ids,
+so first-step losses must agree. --search finds the longest
 length that fits (doubling, then bisecting at 64K, one step each). Records go to bench/results/peers.jsonl (and
 $OUT/peers.jsonl); the driver prints a table and ends with one JSON line. bench/report_peers.py plots them.
 """

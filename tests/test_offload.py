@@ -13,11 +13,14 @@ import peft
 import pytest
 import torch
 
+import longseq
 from longseq.config import MemoryConfig
 from longseq.memory import apply_checkpoint_offload, apply_memory, configure_allocator, lm_head_cross_entropy_sum
 from longseq.memory import offload_stats
 from longseq.memory.offload import _Offloaded
-from tests.models import assert_grads_equal, shifted_labels, tiny_model
+from longseq.parallel import ring as ring_module
+from tests.models import assert_grads_equal, batch, shifted_labels, tiny_model
+from tests.test_ulysses import compare
 
 B, S, H, LAYERS = 2, 127, 64, 3
 
@@ -203,3 +206,61 @@ def test_wraps_an_existing_instance_forward_and_applies_once():
         apply_checkpoint_offload(model, config)
     with pytest.raises(ValueError, match="once"):
         apply_memory(model, MemoryConfig(offload_checkpoints=False, expandable_segments=False))
+
+
+def _step_counting_kernel_calls(model, data, mesh, monkeypatch) -> tuple[int, int]:
+    """Attention kernel calls (longseq's block kernels or transformers' SDPA) of one training step's forward, and of
+    its backward (recompute included)."""
+    calls = []
+    kernels = [(ring_module, "block_forward"), (torch.nn.functional, "scaled_dot_product_attention")]
+    with monkeypatch.context() as patch:
+        for module, name in kernels:
+            real = getattr(module, name)
+            patch.setattr(module, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+        forward = len(calls)
+        loss.backward()
+    return forward, len(calls) - forward
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_attention_output_cache_skips_recompute(keep, monkeypatch):
+    """One GPU with every memory feature: longseq's attention keeps each layer's output and log-sum-exp beside the
+    checkpoint, so backward runs no attention kernel (without the cache it reruns them all). Results stay exact, with
+    packed documents, and the host holds one more (out, lse) pair per offloaded layer."""
+    mesh, data = longseq.Mesh(), batch(130, rows=2, documents=[1, 50, 33, 46])
+    heads, peaks = tiny_model().config.num_attention_heads, {}
+    for cache in (True, False):
+        memory = MemoryConfig(cache_attention=cache, keep_last_layers_on_gpu=keep, tile_tokens=32,
+                              offload_min_bytes=0, expandable_segments=False)
+        model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+        forward, backward = _step_counting_kernel_calls(model, data, mesh, monkeypatch)
+        assert forward > 0 and backward == (0 if cache else forward)
+        peaks[cache] = offload_stats(model).peak_bytes
+        compare(tiny_model(num_hidden_layers=LAYERS), data, mesh, memory=memory)
+    pair = 2 * 130 * (H + heads) * 4  # fp32 output (B, S, heads · head_dim = H) and log-sum-exp (B, heads, S)
+    assert peaks[True] - peaks[False] == (LAYERS - keep) * pair
+
+
+def test_attention_output_cache_survives_a_retained_graph():
+    """backward(retain_graph=True) twice recomputes twice; both replay the kept outputs and add equal gradients.
+    (The tiled loss forms its gradients in forward and hands them out once, so it is off here.)"""
+    mesh, data = longseq.Mesh(), batch(64, rows=2)
+    memory = MemoryConfig(offload_min_bytes=0, tiled_loss=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name], msg=lambda m: f"{name}: {m}")
+
+
+def test_padding_mask_refused_where_longseq_attention_runs():
+    model = longseq.apply(tiny_model(), longseq.Mesh(), MemoryConfig())
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=mask)
+    model(ids, attention_mask=torch.ones_like(ids))  # no padding: fine

@@ -23,11 +23,30 @@ device. The last `keep_last_layers_on_gpu` layers are not offloaded: backward ne
 
 On a machine without CUDA the same code runs with ordinary host copies and no streams, which is how its
 exactness is tested.
+
+Note [Attention output cache]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Recomputing a layer in backward repeats its attention forward: at long lengths, where attention dominates, that is
+about 1/4.5 of all attention work (forward 1, backward 2.5, recompute 1), and with a ring, R − 1 more K/V exchanges.
+The attention's backward needs only its inputs (recomputed anyway), its output and log-sum-exp. So the attention of
+longseq's block kernels (parallel/ring.py, R ≥ 1) calls `cached_attention(compute)`:
+
+    layer forward:    compute() → (out, lse); both are kept like the checkpoint itself (pinned host copies, the
+                      last k layers on the GPU), in a list that belongs to this one checkpoint call
+    layer recompute:  (out, lse) are taken from that list instead of calling compute(); their host→GPU copy starts
+                      when the recompute begins, and the next (earlier) layer's when this one's begins
+
+`torch.utils.checkpoint`'s context_fn enters one context around the forward and another around the recompute,
+which is how the two are told apart; the list belongs to one checkpoint call, so any number of forwards may be in
+flight. Host memory: the output has the size of the layer's input (for Llama, heads · head_dim = hidden), so the
+checkpoints' host memory doubles. MemoryConfig.cache_attention=False turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -111,15 +130,81 @@ class _Offloaded:
         return restored
 
 
+class _KeptAttention:
+    """The attention (out, lse) pairs of one checkpointed layer call, kept from its forward for its recompute."""
+
+    def __init__(self, offloader: _Offloader, offload: bool, earlier):
+        self.offloader, self.offload, self.earlier = offloader, offload, earlier
+        self.pairs: list[list] = []
+        self.replayed = 0  # pairs taken by the recompute in progress (a retained graph may recompute again)
+
+    def keep(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        offloader = self.offloader
+        self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if self.offload else t
+                           for t in tensors])
+
+    def prefetch(self) -> None:
+        for pair in self.pairs:
+            for handle in pair:
+                if isinstance(handle, _Offloaded):
+                    handle.prefetch()
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        if self.replayed == len(self.pairs):
+            raise RuntimeError("longseq: a layer's recompute called attention more often than its forward did.")
+        pair = self.pairs[self.replayed]
+        self.replayed += 1
+        return tuple(h.take(self.offloader.stats) if isinstance(h, _Offloaded) else h for h in pair)
+
+
+_phase = threading.local()  # (the layer call's _KeptAttention, replaying?) while a checkpointed layer runs
+
+
+class _AttentionPhase:
+    """Marks a checkpointed layer's forward or its recompute; reusable, as a retained graph recomputes again."""
+
+    def __init__(self, kept: _KeptAttention, replay: bool):
+        self.kept, self.replay, self.prior = kept, replay, None
+
+    def __enter__(self):
+        if self.replay:
+            self.kept.replayed = 0
+            self.kept.prefetch()
+            earlier = self.kept.earlier() if self.kept.earlier is not None else None
+            if earlier is not None:
+                earlier.prefetch()
+        self.prior = getattr(_phase, "value", None)
+        _phase.value = (self.kept, self.replay)
+
+    def __exit__(self, *exc):
+        _phase.value = self.prior
+
+
+def cached_attention(compute):
+    """`compute() -> (out, lse)`, kept in a checkpointed layer's forward and replayed in its recompute; see
+    Note [Attention output cache]. Outside such a layer it just calls compute()."""
+    phase = getattr(_phase, "value", None)
+    if phase is None:
+        return compute()
+    kept, replay = phase
+    if replay:
+        return kept.take()
+    result = compute()
+    kept.keep(result)
+    return result
+
+
 class _Offloader:
     """Per-model state: the side stream, the stats, and the chain of handles of the forward in progress."""
 
     def __init__(self, config: MemoryConfig, num_layers: int):
         self.min_bytes = config.offload_min_bytes
         self.first_kept = num_layers - config.keep_last_layers_on_gpu
+        self.cache_attention = config.cache_attention
         self.stats = OffloadStats()
         self.stream = None
         self.last = None
+        self.last_attention = None
         self.saved = weakref.WeakValueDictionary()
 
     def _stream_for(self, x: torch.Tensor):
@@ -141,7 +226,7 @@ class _Offloader:
     def hooks(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:
         """Pack/unpack hooks for layer `index`'s checkpoint; layer 0 starts a new forward."""
         if index == 0:
-            self.last, self.saved = None, weakref.WeakValueDictionary()
+            self.last, self.last_attention, self.saved = None, None, weakref.WeakValueDictionary()
         previous = self.last
         offload = index < self.first_kept
 
@@ -163,6 +248,14 @@ class _Offloader:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    def attention_contexts(self, index: int):
+        """checkpoint's context_fn for layer `index`: keep attention outputs in forward, replay them in recompute."""
+        if not self.cache_attention:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        kept = _KeptAttention(self, index < self.first_kept, self.last_attention)
+        self.last_attention = weakref.ref(kept)
+        return _AttentionPhase(kept, replay=False), _AttentionPhase(kept, replay=True)
+
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if getattr(self, "gradient_checkpointing", False):
@@ -177,7 +270,8 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         kwargs["use_cache"] = False
     offloader, index = self._longseq_offload
     with offloader.hooks(index):
-        return checkpoint(functools.partial(plain, **kwargs), *args, use_reentrant=False)
+        return checkpoint(functools.partial(plain, **kwargs), *args, use_reentrant=False,
+                          context_fn=functools.partial(offloader.attention_contexts, index))
 
 
 def apply_checkpoint_offload(model: nn.Module, config: MemoryConfig) -> nn.Module:

@@ -58,7 +58,7 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
     registered = None
-    if mesh.sp > 1:
+    if mesh.sp > 1 or _caches_attention(memory, attention or causal.config._attn_implementation):
         config = causal.config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -69,12 +69,31 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
             )
         registered = register_attention(mesh, attention or config._attn_implementation, heads, kv_heads)
         causal.set_attn_implementation(registered)
-        causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+        causal.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+        if mesh.sp > 1:
+            causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     if memory is not None:
         apply_memory(causal, memory)
     causal._longseq = _State(mesh=mesh, memory=memory, attention=registered)
     causal.forward = types.MethodType(_make_forward(causal.forward), causal)
     return model
+
+
+def _caches_attention(memory: MemoryConfig | None, implementation: str) -> bool:
+    """On one GPU longseq's attention is only needed to keep attention outputs for backward (Note [Attention output
+    cache]); it replaces SDPA, and every other kernel stays the model's own."""
+    return (memory is not None and memory.offload_checkpoints and memory.cache_attention
+            and implementation == "sdpa")
+
+
+def _refuse_padding(module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError(
+            "longseq's attention reads documents from position_ids and ignores attention_mask, and this batch has "
+            "padding (zeros in attention_mask). Pack rows without padding (position_ids restarting per document) "
+            "and give padded positions the label -100; longseq.shard_batch pads that way."
+        )
 
 
 def _require_position_ids(module, args, kwargs):

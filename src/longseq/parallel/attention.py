@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longseq.mesh import Mesh
+from longseq.parallel import kernels
 from longseq.parallel.balance import natural_order
 from longseq.parallel.documents import document_boundaries
 from longseq.parallel.local import causal_attention
@@ -115,7 +116,7 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
         boundaries = documents(kwargs.get("position_ids"))
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
-        if mesh.ring > 1:
+        if mesh.ring > 1 or (implementation == "sdpa" and _fits_ring_kernels(q, window, dropout)):
             out = _ring(mesh, q, k, v, scale, boundaries, window, dropout, RING_KERNELS[implementation])
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
@@ -132,6 +133,14 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
     name = f"longseq_sp_{next(_names)}"
     AttentionInterface.register(name, attention)
     return name
+
+
+def _fits_ring_kernels(q: torch.Tensor, window: int | None, dropout: float) -> bool:
+    """Whether the ring's block kernels (which also run R = 1) can compute this layer: no window, no dropout, and on
+    CUDA half precision. They return the log-sum-exp, so the layer's output can be kept for backward
+    (Note [Attention output cache])."""
+    half = not q.is_cuda or q.dtype in kernels.CUDA_DTYPES
+    return (window is None or window >= q.shape[2]) and not dropout and half
 
 
 def _ring(mesh, q, k, v, scale, boundaries, window, dropout, kernel):

@@ -34,6 +34,7 @@ aten = torch.ops.aten
 # The memory-efficient SDPA op is left out: given an output and log-sum-exp its backward returned wrong gradients
 # (bench/check_gpu.py, H200, torch 2.11), and on Hopper it is ~3× slower than cuDNN anyway (shared/GPU.md).
 CUDA_BACKENDS = ("cudnn", "flash")
+CUDA_DTYPES = (torch.bfloat16, torch.float16)  # what both take (cuDNN returned NaN for fp32 instead of refusing)
 _chosen: dict[tuple[str, torch.dtype], str] = {}
 
 
@@ -49,9 +50,11 @@ def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa") 
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa"):
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa", grad_dtype=None):
+    """grad_dtype: the gradients' dtype; by default the accumulation dtype (fp32 for half precision inputs)."""
+    acc = grad_dtype or accumulation_dtype(q.dtype)
     if kernel == "flex":
-        return recompute_backward(flex_forward, dout, q, k, v, out, lse, causal, scale)
+        return [g.to(acc) for g in recompute_backward(flex_forward, dout, q, k, v, out, lse, causal, scale)]
     kv_heads = k.shape[1]
     k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
@@ -60,18 +63,26 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kerne
         dq, dk, dv = _cuda("backward", q.dtype, *args, causal, scale)
     else:
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, 0.0, causal, scale=scale)
-    acc = accumulation_dtype(q.dtype)
     return dq.to(acc), _fold_heads(dk, kv_heads, acc), _fold_heads(dv, kv_heads, acc)
 
 
 def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv), in the accumulation dtype."""
+    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv); torch sums half precision in
+    fp32 internally, so only the result is rounded to `dtype`."""
     b, heads, length, dim = grad.shape
-    return grad.to(dtype).view(b, kv_heads, heads // kv_heads, length, dim).sum(2)
+    if heads == kv_heads:
+        return grad.to(dtype)
+    return grad.view(b, kv_heads, heads // kv_heads, length, dim).sum(2, dtype=dtype)
 
 
 def _cuda(direction: str, dtype: torch.dtype, *args):
     """The backend that worked last time first, then the others (cuDNN refuses some shapes, e.g. 1-token blocks)."""
+    if dtype not in CUDA_DTYPES:
+        raise ValueError(
+            f"Ring attention on CUDA runs the cuDNN and flash kernels, which take bf16 or fp16, not {dtype}. Load "
+            "the model in bf16 (dtype=torch.bfloat16; the trainer's bf16 mode does), or use pure Ulysses "
+            "(longseq.init_mesh(sp=..., ring=1)), whose SDPA path takes any dtype."
+        )
     key = (direction, dtype)
     names = sorted(CUDA_BACKENDS, key=lambda name: name != _chosen.get(key))
     errors = []

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from longseq.memory.offload import cached_attention
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
 
@@ -102,7 +103,9 @@ def ring_attention(
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, q, k, v, scale, plan, kernel):
-        out, lse = ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
+        out, lse = cached_attention(
+            lambda: ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
+        )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
         return out
@@ -117,7 +120,9 @@ class RingAttentionFunction(torch.autograd.Function):
 
 def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa"):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
-    ring = _Ring(group) if _ring_size(group) > 1 else None
+    if _ring_size(group) == 1:
+        return _local_forward(q, k, v, scale, plan, kernel)
+    ring = _Ring(group)
     steps = len(plan[0].steps)
     out, lse = new_accumulators(q)
     held = (k, v)
@@ -139,7 +144,9 @@ def ring_attention_backward(
     group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa"
 ):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
-    ring = _Ring(group) if _ring_size(group) > 1 else None
+    if _ring_size(group) == 1:
+        return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel)
+    ring = _Ring(group)
     steps = len(plan[0].steps)
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -161,13 +168,40 @@ def ring_attention_backward(
             earlier = _Ring.finish(grads_pending)
             dk += earlier[0]
             dv += earlier[1]
-        if ring is not None:
-            grads_pending = ring.start((dk, dv), _GRAD_TAG)
+        grads_pending = ring.start((dk, dv), _GRAD_TAG)
         if kv_pending is not None:
             held = _Ring.finish(kv_pending)
-    if ring is not None:
-        dk, dv = _Ring.finish(grads_pending)
+    dk, dv = _Ring.finish(grads_pending)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Without a ring (R = 1) the kernel calls of a run cover each query and key position exactly once (one causal square
+# per document), so results are written in place: no merge, no fp32 accumulators (at long lengths those would cost
+# 3 × 4 bytes per head dimension per token).
+
+def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+    (first,) = plan[0].steps
+    if len(plan) == 1 and len(first) == 1:  # one call covers everything: no copy either
+        return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
+    for run in plan:
+        for call in run.steps[0]:
+            rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
+            out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel)
+    return out, lse
+
+
+def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str):
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    for run in plan:
+        for call in run.steps[0]:
+            rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
+            dq[rq], dk[rk], dv[rk] = block_backward(
+                dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
+                grad_dtype=q.dtype,
+            )
+    return dq, dk, dv
 
 
 class _Ring:
