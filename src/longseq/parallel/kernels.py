@@ -180,4 +180,7 @@ def _flex(device: torch.device):
 def _causal_block_mask(length: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(lambda b, h, q, k: k <= q, None, None, length, length, device=device)
+    # Compiled on CUDA: uncompiled, create_block_mask evaluates the whole length × length mask at once (at 512K
+    # tokens on 2 GPUs it asked for 128 GiB).
+    return create_block_mask(lambda b, h, q, k: k <= q, None, None, length, length, device=device,
+                             _compile=device.type == "cuda")
