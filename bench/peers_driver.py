@@ -194,8 +194,9 @@ def save(records: list[dict]) -> None:
 
 
 def table(records: list[dict]) -> str:
-    head = "| contender | sp | layers | length | status | loss | GPU peak GiB | host peak GiB | step s | tok/s/GPU | TFLOP/s/GPU |"
-    rows = [head, "|" + " --- |" * 11]
+    head = ("| contender | sp | layers | length | status | loss | GPU peak GiB | host peak GiB | step s | tok/s/GPU "
+            "| TFLOP/s/GPU | call |")
+    rows = [head, "|" + " --- |" * 12]
 
     def fmt(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) and value == value else "–"
@@ -203,12 +204,13 @@ def table(records: list[dict]) -> str:
     for r in records:
         if r.get("status") == "search":
             rows.append(f"| {r['contender']} | {r['sp']} | {r['layers']} | longest ok: {r['longest_ok']} "
-                        f"(failed: {r['shortest_failed']}) | search | | | | | | |")
+                        f"(failed: {r['shortest_failed']}) | search | | | | | | | {r.get('device_call', '')} |")
             continue
         rows.append(f"| {r.get('contender')} | {r.get('sp')} | {r.get('layers', '')} | {r.get('length')} | "
                     f"{r.get('status')} | {fmt(r.get('first_step_loss'), '.4f')} | {fmt(r.get('peak_gib'), '.1f')} | "
                     f"{fmt(r.get('host_peak_gib'), '.1f')} | {fmt(r.get('step_s'), '.2f')} | "
-                    f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.0f')} |")
+                    f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.0f')} | "
+                    f"{r.get('device_call', '')} |")
     return "\n".join(rows)
 
 

@@ -66,24 +66,38 @@ def save_plot(fig, ax, png: str, alt: str, legend_size=None) -> list[str]:
 
 
 def attention_section(records: list[dict], card: str) -> list[str]:
-    record = records[-1]
-    layouts = [k[:-len("_tflops_per_gpu")] for k in record["rows"][0] if k.endswith("_tflops_per_gpu")]
-    lines = [f"## Attention alone (bench_attention.py): {record['world']} GPUs, 32 heads / 8 KV heads × 128, bf16, "
-             "forward + backward", "", "Per-GPU TFLOP/s (causal FLOPs, backward counted as 2.5× forward); "
-             "`single` is one GPU running causal attention of S/√P tokens, the same work per GPU.", "",
-             "| tokens | single | " + " | ".join(f"{n} (vs single)" for n in layouts) + " |",
-             "|---|---|" + "---|" * len(layouts)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lengths = [row["length"] for row in record["rows"]]
-    ax.plot(lengths, [row["single_gpu_tflops"] for row in record["rows"]], marker="o", label="single GPU, same work")
-    for name in layouts:
-        ax.plot(lengths, [row[f"{name}_tflops_per_gpu"] for row in record["rows"]], marker="o", label=name)
-    for row in record["rows"]:
-        cells = " | ".join(f"{row[f'{n}_tflops_per_gpu']:.0f} ({row[f'{n}_vs_single']:.0%})" for n in layouts)
-        lines.append(f"| {row['length']:,} | {row['single_gpu_tflops']:.0f} | {cells} |")
-    ax.set(xscale="log", xlabel="tokens (whole sequence)", ylabel="TFLOP/s per GPU", ylim=(0, None),
-           title=f"Sequence-parallel attention, {record['world']} × {card}")
-    return lines + save_plot(fig, ax, f"attention-{slug(card)}.png", "attention TFLOP/s")
+    """One table and plot per GPU count; for each length, the latest record that measured it."""
+    lines = []
+    for world in sorted({r["world"] for r in records}, reverse=True):
+        rows, layouts, calls = {}, [], set()
+        for record in (r for r in records if r["world"] == world):
+            for row in record["rows"]:
+                rows[row["length"]] = row
+            layouts += [k[:-len("_tflops_per_gpu")] for k in record["rows"][0]
+                        if k.endswith("_tflops_per_gpu") and k[:-len("_tflops_per_gpu")] not in layouts]
+        rows = [rows[length] for length in sorted(rows)]
+        calls = sorted({str(r.get("device_call", "?")) for r in records if r["world"] == world})
+        lines += [f"## Attention alone (bench_attention.py): {world} GPUs, 32 heads / 8 KV heads × 128, bf16, "
+                  "forward + backward", "", "Per-GPU TFLOP/s (causal FLOPs, backward counted as 2.5× forward); "
+                  "`single` is one GPU running causal attention of S/√P tokens, the same work per GPU; `_flex` "
+                  f"layouts run the ring on FlexAttention block kernels. Device calls {', '.join(calls)} "
+                  "(docs/log.md).", "",
+                  "| tokens | single | " + " | ".join(f"{n} (vs single)" for n in layouts) + " |",
+                  "|---|---|" + "---|" * len(layouts)]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lengths = [row["length"] for row in rows]
+        ax.plot(lengths, [row["single_gpu_tflops"] for row in rows], marker="o", label="single GPU, same work")
+        for name in layouts:
+            points = [(row["length"], row[f"{name}_tflops_per_gpu"]) for row in rows if f"{name}_tflops_per_gpu" in row]
+            ax.plot(*zip(*points), marker="o", label=name)
+        for row in rows:
+            cells = " | ".join(f"{row[f'{n}_tflops_per_gpu']:.0f} ({row[f'{n}_vs_single']:.0%})"
+                               if f"{n}_tflops_per_gpu" in row else "–" for n in layouts)
+            lines.append(f"| {row['length']:,} | {row['single_gpu_tflops']:.0f} | {cells} |")
+        ax.set(xscale="log", xlabel="tokens (whole sequence)", ylabel="TFLOP/s per GPU", ylim=(0, None),
+               title=f"Sequence-parallel attention, {world} × {card}")
+        lines += save_plot(fig, ax, f"attention-{slug(card)}-{world}gpus.png", f"attention TFLOP/s, {world} GPUs")
+    return lines
 
 
 def sp_section(records: list[dict], card: str) -> list[str]:
@@ -100,11 +114,16 @@ def sp_section(records: list[dict], card: str) -> list[str]:
 
 
 def check_section(records: list[dict]) -> list[str]:
-    lines = ["## CUDA/NCCL exactness (check_gpu.py, 4 GPUs)", "", "| check | max error | tolerance | ok |",
-             "|---|---|---|---|"]
-    for r in records[-1]["results"]:
-        lines.append(f"| {r['check']} | {r['error']:.2e} | {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")
-    return lines + [""]
+    """The latest run per GPU count (earlier runs, and what they found, are in docs/log.md)."""
+    lines = []
+    for gpus in sorted({r["gpus"] for r in records}, reverse=True):
+        latest = [r for r in records if r["gpus"] == gpus][-1]
+        lines += [f"## CUDA/NCCL exactness (check_gpu.py, {gpus} GPUs, device call {latest.get('device_call', '?')})",
+                  "", "| check | max error | tolerance | ok |", "|---|---|---|---|"]
+        for r in latest["results"]:
+            lines.append(f"| {r['check']} | {r['error']:.2e} | {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:
