@@ -264,3 +264,20 @@ def test_padding_mask_refused_where_longseq_attention_runs():
     with pytest.raises(ValueError, match="padding"):
         model(ids, attention_mask=mask)
     model(ids, attention_mask=torch.ones_like(ids))  # no padding: fine
+
+
+def test_attention_output_not_kept_when_the_host_is_short(monkeypatch):
+    """A host short of memory recomputes attention instead of keeping its output; results stay exact."""
+    from longseq.memory import offload
+
+    monkeypatch.setattr(offload, "_host_memory", lambda: (3 << 30, 16 << 30))  # 3 GiB free of 16: under the 4 GiB reserve
+    mesh, data = longseq.Mesh(), batch(96, rows=2, documents=[40, 56])
+    memory = MemoryConfig(keep_last_layers_on_gpu=1, tile_tokens=32, offload_min_bytes=0, expandable_segments=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    forward, backward = _step_counting_kernel_calls(model, data, mesh, monkeypatch)
+    per_layer = forward // LAYERS
+    assert backward == (LAYERS - 1) * per_layer  # the kept (last) layer is on the device: no host memory needed
+    assert offload_stats(model).attention_not_kept == LAYERS - 1
+    compare(tiny_model(num_hidden_layers=LAYERS), data, mesh, memory=memory)
+    monkeypatch.setattr(offload, "_host_memory", lambda: (12 << 30, 16 << 30))
+    assert offload._host_has_room(1 << 30) and not offload._host_has_room(10 << 30)

@@ -39,7 +39,9 @@ longseq's block kernels (parallel/ring.py, R ≥ 1) calls `cached_attention(comp
 `torch.utils.checkpoint`'s context_fn enters one context around the forward and another around the recompute,
 which is how the two are told apart; the list belongs to one checkpoint call, so any number of forwards may be in
 flight. Host memory: the output has the size of the layer's input (for Llama, heads · head_dim = hidden), so the
-checkpoints' host memory doubles. MemoryConfig.cache_attention=False turns it off.
+checkpoints' host memory doubles. A pair is not kept (and is recomputed) when keeping it would leave the host less than
+10% of its memory (at least 4 GiB); `OffloadStats.attention_not_kept` counts those. MemoryConfig.cache_attention=False
+turns it off.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class OffloadStats:
     """Tensors moved to host since the model was wrapped."""
     prefetch_hits: int = 0
     """Restores whose copy had already been started one layer ahead (the others waited for a synchronous copy)."""
+    attention_not_kept: int = 0
+    """Attention outputs recomputed in backward because the host was short of memory (Note [Attention output cache])."""
 
     def _add(self, nbytes: int) -> None:
         self.current_bytes += nbytes
@@ -140,21 +144,52 @@ class _KeptAttention:
 
     def keep(self, tensors: tuple[torch.Tensor, ...]) -> None:
         offloader = self.offloader
+        if self.offload and not _host_has_room(sum(t.numel() * t.element_size() for t in tensors)):
+            offloader.stats.attention_not_kept += 1
+            self.pairs.append(None)  # the recompute computes this one
+            return
         self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if self.offload else t
                            for t in tensors])
 
     def prefetch(self) -> None:
-        for pair in self.pairs:
+        for pair in filter(None, self.pairs):
             for handle in pair:
                 if isinstance(handle, _Offloaded):
                     handle.prefetch()
 
-    def take(self) -> tuple[torch.Tensor, ...]:
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        """The next kept pair, or None where the forward could not keep it."""
         if self.replayed == len(self.pairs):
             raise RuntimeError("longseq: a layer's recompute called attention more often than its forward did.")
         pair = self.pairs[self.replayed]
         self.replayed += 1
+        if pair is None:
+            return None
         return tuple(h.take(self.offloader.stats) if isinstance(h, _Offloaded) else h for h in pair)
+
+
+# The attention cache is an optimisation: it never takes the host's last HOST_RESERVE of memory (a host OOM would
+# kill the run; recomputing only costs time).
+HOST_RESERVE_FRACTION, HOST_RESERVE_MIN = 0.1, 4 << 30
+
+
+def _host_memory() -> tuple[int, int] | None:
+    """(available, total) bytes of host memory from /proc/meminfo; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+    except OSError:
+        return None
+    kib = {name: int(fields[name].split()[0]) * 1024 for name in ("MemAvailable", "MemTotal") if name in fields}
+    return (kib["MemAvailable"], kib["MemTotal"]) if len(kib) == 2 else None
+
+
+def _host_has_room(nbytes: int) -> bool:
+    memory = _host_memory()
+    if memory is None:
+        return True
+    available, total = memory
+    return available - nbytes >= max(HOST_RESERVE_MIN, HOST_RESERVE_FRACTION * total)
 
 
 _phase = threading.local()  # (the layer call's _KeptAttention, replaying?) while a checkpointed layer runs
@@ -188,7 +223,8 @@ def cached_attention(compute):
         return compute()
     kept, replay = phase
     if replay:
-        return kept.take()
+        pair = kept.take()
+        return pair if pair is not None else compute()
     result = compute()
     kept.keep(result)
     return result
