@@ -281,3 +281,13 @@ def test_attention_output_not_kept_when_the_host_is_short(monkeypatch):
     compare(tiny_model(num_hidden_layers=LAYERS), data, mesh, memory=memory)
     monkeypatch.setattr(offload, "_host_memory", lambda: (12 << 30, 16 << 30))
     assert offload._host_has_room(1 << 30) and not offload._host_has_room(10 << 30)
+
+
+def test_generation_on_one_gpu_with_longseq_attention():
+    """With the attention cache on one GPU, longseq's attention replaces SDPA; decoding with a KV cache still works."""
+    reference = tiny_model(num_hidden_layers=LAYERS).eval()
+    model = longseq.apply(copy.deepcopy(reference), longseq.Mesh(), MemoryConfig()).eval()
+    assert model.config._attn_implementation.startswith("longseq_")
+    prompt = _ids()[:1, :20]
+    want = reference.generate(prompt, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(model.generate(prompt, max_new_tokens=5, do_sample=False), want)

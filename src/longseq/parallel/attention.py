@@ -2,9 +2,8 @@
 
 The model keeps calling `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`; longseq registers one function per
 applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the whole sequence's attention on H/U heads
-(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group on
-SDPA or FlexAttention block kernels) →
-all-to-all back. FlexAttention gets a BlockMask of causal, same-document (and sliding-window) blocks.
+(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group on SDPA
+or FlexAttention block kernels) → all-to-all back. FlexAttention gets a BlockMask of causal, same-document (and sliding-window) blocks.
 The name is not in transformers' mask registry, so transformers builds no attention mask at all: documents are read
 from position_ids instead (parallel/documents.py), once per forward pass.
 """
@@ -112,6 +111,11 @@ def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_h
                              "(attn_logit_softcapping); set it to None in the config.")
         if getattr(module, "is_causal", True) is False:
             raise ValueError("longseq supports causal decoders only; this attention module is bidirectional.")
+        if key.shape[2] != query.shape[2]:  # decoding with a KV cache
+            if mesh.sp > 1:
+                raise ValueError("Generation with a KV cache does not run sequence-parallel; generate with a model "
+                                 "that longseq.apply did not shard (or load the trained weights into a plain one).")
+            return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         boundaries = documents(kwargs.get("position_ids"))
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
