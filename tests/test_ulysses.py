@@ -294,3 +294,22 @@ def test_single_process_loss_matches_hf():
     torch.testing.assert_close(loss, ref_loss, **TOL)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
+
+
+def test_registered_attention_does_not_keep_the_mesh_alive():
+    """transformers' attention registry lives until exit; the mesh (and its process groups) must go with the model."""
+    import gc
+    import weakref
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mesh = longseq.Mesh()
+    model = longseq.apply(tiny_model(), mesh, longseq.MemoryConfig())  # one GPU + attention cache: registers
+    name, mesh_ref = model.config._attn_implementation, weakref.ref(mesh)
+    attention = ALL_ATTENTION_FUNCTIONS[name]
+    del model, mesh
+    gc.collect()
+    assert mesh_ref() is None
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        attention(None, q, q, q, None)

@@ -67,7 +67,7 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
                 f"attn_logit_softcapping={config.attn_logit_softcapping} cannot run on longseq's SDPA kernels; set "
                 "config.attn_logit_softcapping = None before longseq.apply."
             )
-        registered = register_attention(mesh, attention or config._attn_implementation, heads, kv_heads)
+        registered = register_attention(causal, mesh, attention or config._attn_implementation, heads, kv_heads)
         causal.set_attn_implementation(registered)
         causal.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
         if mesh.sp > 1:

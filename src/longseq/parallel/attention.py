@@ -11,6 +11,7 @@ from position_ids instead (parallel/documents.py), once per forward pass.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -98,14 +99,31 @@ class _Documents:
         return natural_order(permuted, mesh.ring)
 
 
-def register_attention(mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:
-    """Register a sequence-parallel attention function for one model and return its name."""
+class _ModelAttention:
+    """What a model's attention function needs; kept on the model (see register_attention)."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh, self.documents = mesh, _Documents(mesh)
+
+
+def register_attention(owner, mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:
+    """Register a sequence-parallel attention function for the model `owner` and return its name.
+
+    transformers' registry is global and lives until the interpreter exits, so the function reaches the mesh only
+    through a weak reference to state kept on `owner`: the process groups go with the model. (Process groups alive at
+    interpreter exit can abort it: gloo's worker threads may still hold work whose tensors need the interpreter.)
+    """
     check_implementation(implementation, mesh.ring)
     replicate = kv_replication(num_heads, num_kv_heads, mesh.ulysses)
-    documents = _Documents(mesh)
+    owner._longseq_attention = _ModelAttention(mesh)
+    state = weakref.ref(owner._longseq_attention)
     inner = ALL_ATTENTION_FUNCTIONS[implementation]
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        held = state()
+        if held is None:
+            raise RuntimeError("longseq: this attention function belongs to a model that no longer exists.")
+        mesh, documents = held.mesh, held.documents
         if kwargs.get("softcap") is not None:
             raise ValueError("longseq's SDPA-based attention does not support attention logit softcapping "
                              "(attn_logit_softcapping); set it to None in the config.")

@@ -12,6 +12,7 @@ mean loss (Note [Exact global loss]).
 
 from __future__ import annotations
 
+import gc
 import signal
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def train(config: TrainConfig) -> list[dict] | None:
     finally:
         if created:
             dist.destroy_process_group()
+            # Free the model (module hooks make reference cycles) and with it the last references to the process
+            # groups now, not during interpreter exit, where gloo's teardown can abort the process.
+            gc.collect()
 
 
 def _train(config: TrainConfig) -> list[dict] | None:
