@@ -179,9 +179,13 @@ def ring_attention_backward(
 # per document), so results are written in place: no merge, no fp32 accumulators (at long lengths those would cost
 # 3 × 4 bytes per head dimension per token).
 
-def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+def _covered_by_one_call(plan: list[_Run]) -> bool:
     (first,) = plan[0].steps
-    if len(plan) == 1 and len(first) == 1:  # one call covers everything: no copy either
+    return len(plan) == 1 and len(first) == 1
+
+
+def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+    if _covered_by_one_call(plan):  # one document per row: no copy either
         return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
@@ -193,6 +197,8 @@ def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
 
 
 def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str):
+    if _covered_by_one_call(plan):
+        return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     for run in plan:
         for call in run.steps[0]:
