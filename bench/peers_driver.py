@@ -34,7 +34,8 @@ def driver_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", default="llama-8b", choices=["llama-8b", "llama-1b"])
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--timed", type=int, default=1, help="timed steps after the warm-up step (0 with --search)")
-    parser.add_argument("--timeout", type=float, default=240, help="seconds per run")
+    parser.add_argument("--timeout", type=float, default=240,
+                        help="seconds per run (--search: for the first length, × (length / first)² beyond)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole driver")
     parser.add_argument("--search", action="store_true", help="longest length that fits: double, then bisect at 64K")
     parser.add_argument("--search-max", type=int, default=1 << 22)
@@ -77,8 +78,9 @@ class Driver:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env
 
-    def run(self, contender: str, length: int, timed: int) -> dict:
-        """One torchrun on a free slot; returns its record (or one describing its failure)."""
+    def run(self, contender: str, length: int, timed: int, timeout: float | None = None) -> dict:
+        """One torchrun on a free slot, within `timeout` s (default --timeout); returns its record (or one describing
+        its failure)."""
         args = self.args
         base = dict(bench="peers", contender=contender, shape=args.shape, layers=args.layers or "full",
                     length=length, sp=args.sp, timed_steps=timed, concurrent_runs=self.concurrent, tag=args.tag)
@@ -89,7 +91,7 @@ class Driver:
             self.prebuild.wait(timeout=max(1.0, left - 30))
         gpus = self.slots.get()
         try:
-            return {**base, **self._launch(contender, length, timed, gpus, min(args.timeout, left - 5))}
+            return {**base, **self._launch(contender, length, timed, gpus, min(timeout or args.timeout, left - 5))}
         finally:
             self.slots.put(gpus)
 
@@ -148,10 +150,13 @@ class Driver:
                     failed[contender] = record["status"]
 
     def search(self, contender: str) -> None:
-        """Double from the first length until a run fails, then bisect at 64K granularity; one step per probe."""
-        good, bad, length = None, None, self.args.lengths[0]
+        """Double from the first length until a run fails, then bisect at 64K granularity; one step per probe. A probe
+        may take --timeout × (length / first length)² seconds: at long lengths attention's quadratic work dominates."""
+        first = self.args.lengths[0]
+        good, bad, length = None, None, first
         while length <= self.args.search_max and time.monotonic() < self.deadline - 30:
-            record = {**self.run(contender, length, 0), "search": True}
+            timeout = self.args.timeout * max(1.0, (length / first) ** 2)
+            record = {**self.run(contender, length, 0, timeout), "search": True}
             self.add(record)
             if record["status"] in ("skipped", "timeout"):  # a slow step says nothing about memory
                 break
