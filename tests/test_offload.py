@@ -291,3 +291,12 @@ def test_generation_on_one_gpu_with_longseq_attention():
     prompt = _ids()[:1, :20]
     want = reference.generate(prompt, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(model.generate(prompt, max_new_tokens=5, do_sample=False), want)
+
+
+def test_small_attention_outputs_stay_on_device(monkeypatch):
+    """Kept attention outputs under offload_min_bytes (1 MiB by default) stay on the device, like small checkpoints."""
+    mesh = longseq.Mesh()
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, MemoryConfig(expandable_segments=False))
+    forward, backward = _step_counting_kernel_calls(model, batch(64, rows=2), mesh, monkeypatch)
+    assert forward > 0 and backward == 0
+    assert offload_stats(model).peak_bytes == 0

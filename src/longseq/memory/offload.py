@@ -148,8 +148,9 @@ class _KeptAttention:
             offloader.stats.attention_not_kept += 1
             self.pairs.append(None)  # the recompute computes this one
             return
-        self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if self.offload else t
-                           for t in tensors])
+        move = [self.offload and t.numel() * t.element_size() >= offloader.min_bytes for t in tensors]
+        self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if m else t
+                           for t, m in zip(tensors, move)])
 
     def prefetch(self) -> None:
         for pair in filter(None, self.pairs):
