@@ -198,10 +198,18 @@ def save(records: list[dict]) -> None:
             fh.writelines(line + "\n" for line in lines)
 
 
+def kib_per_token(record: dict) -> float | None:
+    """Peak GPU memory (weights and all) per token a GPU holds (length / sp), KiB."""
+    peak, length = record.get("peak_gib"), record.get("length")
+    if peak is None or not length or peak != peak:
+        return None
+    return peak * 2**20 / (length / (record.get("sp") or 1))
+
+
 def table(records: list[dict]) -> str:
-    head = ("| contender | sp | layers | length | status | loss | GPU peak GiB | host peak GiB | step s | tok/s/GPU "
-            "| TFLOP/s/GPU | call |")
-    rows = [head, "|" + " --- |" * 12]
+    head = ("| contender | sp | layers | length | status | loss | GPU peak GiB | GPU KiB/token | host peak GiB | step s "
+            "| tok/s/GPU | TFLOP/s/GPU | call |")
+    rows = [head, "|" + " --- |" * 13]
 
     def fmt(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) and value == value else "–"
@@ -209,10 +217,11 @@ def table(records: list[dict]) -> str:
     for r in records:
         if r.get("status") == "search":
             rows.append(f"| {r['contender']} | {r['sp']} | {r['layers']} | longest ok: {r['longest_ok']} "
-                        f"(failed: {r['shortest_failed']}) | search | | | | | | | {r.get('device_call', '')} |")
+                        f"(failed: {r['shortest_failed']}) | search | | | | | | | | {r.get('device_call', '')} |")
             continue
         rows.append(f"| {r.get('contender')} | {r.get('sp')} | {r.get('layers', '')} | {r.get('length')} | "
                     f"{r.get('status')} | {fmt(r.get('first_step_loss'), '.4f')} | {fmt(r.get('peak_gib'), '.1f')} | "
+                    f"{fmt(kib_per_token(r), '.0f')} | "
                     f"{fmt(r.get('host_peak_gib'), '.1f')} | {fmt(r.get('step_s'), '.2f')} | "
                     f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.0f')} | "
                     f"{r.get('device_call', '')} |")

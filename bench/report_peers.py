@@ -48,6 +48,21 @@ def longest_ok(points: dict, names, sp, layers):
     return max(lengths, default=None)
 
 
+def marginal_kib_per_token(points: dict) -> dict:
+    """(contender, sp, layers) -> {"L1-L2": KiB} GPU memory per extra token a GPU holds, between the two longest ok
+    lengths of one contender (the weights' fixed part cancels out)."""
+    by_series = defaultdict(list)
+    for (name, sp, layers, length), r in points.items():
+        if r.get("status") == "ok" and r.get("peak_gib") is not None:
+            by_series[(name, sp, layers)].append((length, r["peak_gib"]))
+    out = {}
+    for (name, sp, layers), rows in by_series.items():
+        if len(rows) >= 2:
+            (l1, p1), (l2, p2) = sorted(rows)[-2:]
+            out[(name, sp, layers)] = {f"{l1}-{l2}": round((p2 - p1) * 2**20 / ((l2 - l1) / (sp or 1)), 1)}
+    return out
+
+
 def summary(records: list[dict]) -> dict:
     """longseq / ALST ratios per (sp, layers): longest length that ran, tokens/s at equal length, loss difference."""
     points = latest(records)
@@ -67,6 +82,8 @@ def summary(records: list[dict]) -> dict:
         hf = points.get(("hf", sp, layers, length))
         if hf and hf.get("status") == "ok" and mine.get("status") == "ok":
             out[key][f"loss_diff_vs_hf@{length}"] = round(mine["first_step_loss"] - hf["first_step_loss"], 5)
+    for (name, sp, layers), slope in marginal_kib_per_token(points).items():
+        out[f"sp{sp}/layers={layers}"][f"marginal_kib_per_token_{name}"] = slope
     for sp, layers in {(k[1], k[2]) for k in points}:
         mine, peer = longest_ok(points, ("longseq",), sp, layers), longest_ok(points, ALST, sp, layers)
         if mine or peer:
