@@ -90,6 +90,10 @@ class OffloadStats:
         self.current_bytes -= nbytes
 
 
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
 class _Offloaded:
     """A saved tensor's host copy, plus its device copy while it is being brought back."""
 
@@ -106,7 +110,7 @@ class _Offloaded:
                     x.record_stream(stream)
                     self.event = stream.record_event()
         self.restored = None
-        nbytes = self.host.numel() * self.host.element_size()
+        nbytes = _nbytes(self.host)
         stats._add(nbytes)
         weakref.finalize(self, stats._release, nbytes)
 
@@ -144,11 +148,11 @@ class _KeptAttention:
 
     def keep(self, tensors: tuple[torch.Tensor, ...]) -> None:
         offloader = self.offloader
-        if self.offload and not _host_has_room(sum(t.numel() * t.element_size() for t in tensors)):
+        if self.offload and not _host_has_room(sum(map(_nbytes, tensors))):
             offloader.stats.attention_not_kept += 1
             self.pairs.append(None)  # the recompute computes this one
             return
-        move = [self.offload and t.numel() * t.element_size() >= offloader.min_bytes for t in tensors]
+        move = [self.offload and _nbytes(t) >= offloader.min_bytes for t in tensors]
         self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if m else t
                            for t, m in zip(tensors, move)])
 
@@ -257,7 +261,7 @@ class _Offloader:
             shared
             or isinstance(x, nn.Parameter)
             or not x.is_floating_point()
-            or x.numel() * x.element_size() < self.min_bytes
+            or _nbytes(x) < self.min_bytes
         )
 
     def hooks(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:

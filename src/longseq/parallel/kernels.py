@@ -138,7 +138,8 @@ _CUDA_OPS = {
 
 
 def recompute_backward(forward, dout, q, k, v, out, lse, causal: bool, scale: float):
-    """q/k/v gradients of one block through a differentiable `forward(q, k, v, causal, scale) -> (o_b, lse_b)`.
+    """q/k/v gradients (in their own dtypes) of one block through a differentiable
+    `forward(q, k, v, causal, scale) -> (o_b, lse_b)`.
 
     The merged output is O = Σ_b w_b·o_b with w_b = exp(lse_b − L) (merge.py), so the block receives
     dO·w_b on o_b and w_b·rowsum(dO·(o_b − O)) on lse_b; through the block's own softmax this gives the flash
@@ -152,8 +153,7 @@ def recompute_backward(forward, dout, q, k, v, out, lse, causal: bool, scale: fl
     dout_acc = dout.to(acc)
     grad_out = (weight.unsqueeze(-1) * dout_acc).to(block_out.dtype)
     grad_lse = (weight * (dout_acc * (block_out.to(acc) - out.to(acc))).sum(-1)).to(block_lse.dtype)
-    dq, dk, dv = torch.autograd.grad((block_out, block_lse), inputs, (grad_out, grad_lse))
-    return dq.to(acc), dk.to(acc), dv.to(acc)
+    return torch.autograd.grad((block_out, block_lse), inputs, (grad_out, grad_lse))
 
 
 def flex_forward(q, k, v, causal: bool, scale: float):

@@ -128,13 +128,11 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
     held = (k, v)
     for step in range(steps):
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
-        for run in plan:
-            for call in run.steps[step]:
-                rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
-                block_out, block_lse = block_forward(
-                    q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel
-                )
-                merge_(out[rq], lse[rq], block_out, block_lse)
+        for rq, rk, call in _blocks(plan, step):
+            block_out, block_lse = block_forward(
+                q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel
+            )
+            merge_(out[rq], lse[rq], block_out, block_lse)
         if pending is not None:
             held = _Ring.finish(pending)
     return out.to(q.dtype), lse
@@ -154,16 +152,14 @@ def ring_attention_backward(
     for step in range(steps):
         kv_pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
-        for run in plan:
-            for call in run.steps[step]:
-                rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
-                gq, gk, gv = block_backward(
-                    dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
-                    kernel=kernel,
-                )
-                dq[rq] += gq
-                dk[rk] += gk
-                dv[rk] += gv
+        for rq, rk, call in _blocks(plan, step):
+            gq, gk, gv = block_backward(
+                dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
+                kernel=kernel,
+            )
+            dq[rq] += gq
+            dk[rk] += gk
+            dv[rk] += gv
         if grads_pending is not None:  # the dk/dv of these K/V from the ranks before us
             earlier = _Ring.finish(grads_pending)
             dk += earlier[0]
@@ -173,6 +169,13 @@ def ring_attention_backward(
             held = _Ring.finish(kv_pending)
     dk, dv = _Ring.finish(grads_pending)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _blocks(plan: list[_Run], step: int):
+    """(q index, held-k index, call) of every kernel call of a ring step: rows of a run × the call's positions."""
+    for run in plan:
+        for call in run.steps[step]:
+            yield (run.rows, slice(None), call.q), (run.rows, slice(None), call.k), call
 
 
 # Without a ring (R = 1) the kernel calls of a run cover each query and key position exactly once (one causal square
@@ -189,10 +192,8 @@ def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
         return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
-    for run in plan:
-        for call in run.steps[0]:
-            rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
-            out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel)
+    for rq, rk, _ in _blocks(plan, 0):
+        out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel)
     return out, lse
 
 
@@ -200,13 +201,11 @@ def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], ker
     if _covered_by_one_call(plan):
         return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    for run in plan:
-        for call in run.steps[0]:
-            rq, rk = (run.rows, slice(None), call.q), (run.rows, slice(None), call.k)
-            dq[rq], dk[rk], dv[rk] = block_backward(
-                dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
-                grad_dtype=q.dtype,
-            )
+    for rq, rk, _ in _blocks(plan, 0):
+        dq[rq], dk[rk], dv[rk] = block_backward(
+            dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
+            grad_dtype=q.dtype,
+        )
     return dq, dk, dv
 
 
