@@ -23,6 +23,8 @@ class Contender:
     """The model's transformers config (for FLOPs and the record)."""
     settings: dict = field(default_factory=dict)
     """What this contender switched on, for the record."""
+    observed: Callable[[], dict] = dict
+    """What the run did that settings cannot say in advance (rank 0's), for the record."""
 
 
 def full_batch(tokens: torch.Tensor, device: torch.device) -> dict:
@@ -86,7 +88,14 @@ def prepare_longseq(args, *, optimizer: bool = True, offload: bool = True, cache
             model.zero_grad(set_to_none=False)
         return float(loss)
 
-    return Contender(step, model.config, settings)
+    def observed() -> dict:
+        stats = longseq.memory.offload_stats(model)
+        budget = stats.budget_bytes
+        return dict(host_budget_gib=budget / 2**30 if budget is not None else None,
+                    offload_peak_gib=stats.peak_bytes / 2**30, attention_not_kept=stats.attention_not_kept,
+                    checkpoints_on_device=stats.checkpoints_on_device)
+
+    return Contender(step, model.config, settings, observed)
 
 
 CONTENDERS = {

@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import longseq
-from longseq.train.engine import apply_fsdp
+from longseq.train.engine import apply_fsdp, offloaded_state_bytes
 from tests.distributed import run_distributed
 from tests.models import batch, tiny_model
 
@@ -26,6 +27,10 @@ def _fsdp(ring: int, memory: bool):
     config = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0) if memory else None
     longseq.apply(model, mesh, config)
     apply_fsdp(model, torch.device("cpu"), param_dtype=torch.float32, cpu_offload=False)
+    # What CPU offload would reserve on the host: gradient + two AdamW moments of this rank's shard (fp32).
+    state = torch.tensor(offloaded_state_bytes(model))
+    dist.all_reduce(state)
+    assert state.item() == 3 * 4 * sum(p.numel() for p in reference.parameters())
     loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, **TOL)

@@ -266,21 +266,69 @@ def test_padding_mask_refused_where_longseq_attention_runs():
     model(ids, attention_mask=torch.ones_like(ids))  # no padding: fine
 
 
-def test_attention_output_not_kept_when_the_host_is_short(monkeypatch):
-    """A host short of memory recomputes attention instead of keeping its output; results stay exact."""
-    from longseq.memory import offload
+def _checkpoint_bytes(data, mesh) -> int:
+    """Host bytes of one layer's offloaded checkpoint for `data` (measured without the cache)."""
+    memory = MemoryConfig(cache_attention=False, tile_tokens=32, offload_min_bytes=0, expandable_segments=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    return offload_stats(model).peak_bytes // LAYERS
 
-    monkeypatch.setattr(offload, "_host_memory", lambda: (3 << 30, 16 << 30))  # 3 GiB free of 16: under the 4 GiB reserve
+
+@pytest.mark.parametrize("checkpoints_that_fit", [LAYERS, 1.5])
+def test_host_budget_drops_attention_outputs_then_keeps_checkpoints_on_device(checkpoints_that_fit, monkeypatch):
+    """Past MemoryConfig.host_memory_gib, attention outputs are not kept first (room is left for the checkpoints
+    still to come), then checkpoints stay on the device; the host never holds more than the budget, and results
+    stay exact."""
     mesh, data = longseq.Mesh(), batch(96, rows=2, documents=[40, 56])
-    memory = MemoryConfig(keep_last_layers_on_gpu=1, tile_tokens=32, offload_min_bytes=0, expandable_segments=False)
+    per_layer = _checkpoint_bytes(data, mesh)
+    budget = int(checkpoints_that_fit * per_layer)
+    memory = MemoryConfig(host_memory_gib=budget / 2**30, tile_tokens=32, offload_min_bytes=0,
+                          expandable_segments=False)
     model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
     forward, backward = _step_counting_kernel_calls(model, data, mesh, monkeypatch)
-    per_layer = forward // LAYERS
-    assert backward == (LAYERS - 1) * per_layer  # the kept (last) layer is on the device: no host memory needed
-    assert offload_stats(model).attention_not_kept == LAYERS - 1
+    stats = offload_stats(model)
+    assert backward == forward  # every attention recomputed: no pair fit beside the checkpoints
+    assert stats.attention_not_kept == LAYERS
+    on_host = int(checkpoints_that_fit)
+    assert stats.checkpoints_on_device == LAYERS - on_host
+    assert stats.peak_bytes == on_host * per_layer <= budget == stats.budget_bytes
     compare(tiny_model(num_hidden_layers=LAYERS), data, mesh, memory=memory)
-    monkeypatch.setattr(offload, "_host_memory", lambda: (12 << 30, 16 << 30))
-    assert offload._host_has_room(1 << 30) and not offload._host_has_room(10 << 30)
+
+
+def test_host_budget_keeps_attention_outputs_it_has_room_for(monkeypatch):
+    """A budget with room for every checkpoint and one (out, lse) pair keeps exactly one pair: the first layer's."""
+    mesh, data = longseq.Mesh(), batch(96, rows=2, documents=[40, 56])
+    per_layer = _checkpoint_bytes(data, mesh)
+    pair = per_layer + 2 * 96 * tiny_model().config.num_attention_heads * 4  # output (as the input) + fp32 lse
+    memory = MemoryConfig(host_memory_gib=(LAYERS * per_layer + pair) / 2**30, tile_tokens=32, offload_min_bytes=0,
+                          expandable_segments=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    forward, backward = _step_counting_kernel_calls(model, data, mesh, monkeypatch)
+    stats = offload_stats(model)
+    assert (stats.attention_not_kept, stats.checkpoints_on_device) == (LAYERS - 1, 0)
+    assert backward == forward // LAYERS * (LAYERS - 1)
+    assert stats.peak_bytes == LAYERS * per_layer + pair
+
+
+def test_automatic_host_budget(monkeypatch):
+    """Without host_memory_gib: this process's share of 90% of the host, less its resident memory and what
+    reserve_host_memory was told; fixed at the first offload, after which a reservation is refused."""
+    from longseq.memory import offload, reserve_host_memory
+
+    monkeypatch.setattr(offload, "_host_total", lambda: 100 << 30)
+    monkeypatch.setattr(offload, "_resident_bytes", lambda: 10 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    mesh, data = longseq.Mesh(), batch(64, rows=1, documents=[64])
+    memory = MemoryConfig(offload_min_bytes=0, expandable_segments=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    reserve_host_memory(model, 4 << 30)
+    reserve_host_memory(model, 1 << 30)
+    longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh).backward()
+    assert offload_stats(model).budget_bytes == int(0.9 * (100 << 30)) // 2 - (10 << 30) - (5 << 30)
+    with pytest.raises(RuntimeError, match="before the model's first forward"):
+        reserve_host_memory(model, 1)
+    monkeypatch.setattr(offload, "_host_total", lambda: None)  # no /proc/meminfo: no automatic limit
+    assert offload._automatic_budget(0) is None
 
 
 def test_generation_on_one_gpu_with_longseq_attention():

@@ -30,6 +30,11 @@ class MemoryConfig:
     """Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the allocator config themselves."""
     offload_min_bytes: int = 1 << 20
     """Saved tensors smaller than this stay on the GPU: copying them costs more than the memory they free."""
+    host_memory_gib: float | None = None
+    """Host memory this process may fill with offloaded checkpoints and kept attention outputs; beyond it, attention
+    is recomputed and then checkpoints stay on the GPU. None: this process's share of the host (90% of it over the
+    processes on the host), less what the process holds at its first forward and what the trainer reserves for its
+    CPU-offloaded gradients and optimizer state (Note [Host budget] in memory/offload.py)."""
 
     def __post_init__(self) -> None:
         if self.tile_memory_mib < 1:
@@ -40,3 +45,5 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.keep_last_layers_on_gpu={self.keep_last_layers_on_gpu} must be >= 0.")
         if self.offload_min_bytes < 0:
             raise ValueError(f"MemoryConfig.offload_min_bytes={self.offload_min_bytes} must be >= 0 (0 moves all).")
+        if self.host_memory_gib is not None and self.host_memory_gib < 0:
+            raise ValueError(f"MemoryConfig.host_memory_gib={self.host_memory_gib} must be >= 0 (None: automatic).")

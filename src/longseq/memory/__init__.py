@@ -14,7 +14,7 @@ from torch import nn
 from longseq.config import MemoryConfig
 from longseq.memory.allocator import configure_allocator
 from longseq.memory.loss import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
-from longseq.memory.offload import OffloadStats, apply_checkpoint_offload, offload_stats
+from longseq.memory.offload import OffloadStats, apply_checkpoint_offload, offload_stats, reserve_host_memory
 from longseq.memory.tiled import apply_tiled_mlp, apply_tiled_norms, tiled
 
 
@@ -41,6 +41,7 @@ __all__ = [
     "configure_allocator",
     "lm_head_cross_entropy_sum",
     "offload_stats",
+    "reserve_host_memory",
     "tiled",
     "tiled_cross_entropy_sum",
 ]

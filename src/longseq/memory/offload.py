@@ -39,15 +39,28 @@ longseq's block kernels (parallel/ring.py, R ≥ 1) calls `cached_attention(comp
 `torch.utils.checkpoint`'s context_fn enters one context around the forward and another around the recompute,
 which is how the two are told apart; the list belongs to one checkpoint call, so any number of forwards may be in
 flight. Host memory: the output has the size of the layer's input (for Llama, heads · head_dim = hidden), so the
-checkpoints' host memory doubles. A pair is not kept (and is recomputed) when keeping it would leave the host less than
-10% of its memory (at least 4 GiB); `OffloadStats.attention_not_kept` counts those. MemoryConfig.cache_attention=False
-turns it off.
+checkpoints' host memory doubles. A pair is kept only where the host budget (below) has room for it and for the
+checkpoints of the layers still to come; the others are recomputed (`OffloadStats.attention_not_kept` counts them).
+MemoryConfig.cache_attention=False turns it off.
+
+Note [Host budget]
+~~~~~~~~~~~~~~~~~~
+A host out of memory kills the run, so what this offloader holds on the host (checkpoints, then kept attention
+outputs) stays within a budget fixed at the first offload: MemoryConfig.host_memory_gib, or else this process's
+share of 90% of the host (MemTotal over LOCAL_WORLD_SIZE processes) less its resident memory at that moment and
+less what `reserve_host_memory` was told the step will still allocate (the trainer's CPU-offloaded gradients and
+AdamW state, which appear only in backward and at the first optimizer step). A fixed budget rather than a look at
+MemAvailable each time: pinned blocks freed in backward stay cached by CUDA's host allocator and are reused by the
+next step, so the free memory the kernel reports says little about what the next step needs. Beyond the budget,
+attention outputs are not kept first, then checkpoints stay on the GPU (`OffloadStats.checkpoints_on_device`):
+checkpoints free GPU memory and the cache only saves time, and a GPU out of memory is a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import types
 import weakref
@@ -79,7 +92,11 @@ class OffloadStats:
     prefetch_hits: int = 0
     """Restores whose copy had already been started one layer ahead (the others waited for a synchronous copy)."""
     attention_not_kept: int = 0
-    """Attention outputs recomputed in backward because the host was short of memory (Note [Attention output cache])."""
+    """Attention outputs recomputed in backward because the host budget was full (Note [Host budget])."""
+    checkpoints_on_device: int = 0
+    """Checkpoints left on the device because the host budget was full (Note [Host budget])."""
+    budget_bytes: int | None = None
+    """The host budget, fixed at the first offload; None: unbounded (no /proc/meminfo) or not yet fixed."""
 
     def _add(self, nbytes: int) -> None:
         self.current_bytes += nbytes
@@ -141,18 +158,20 @@ class _Offloaded:
 class _KeptAttention:
     """The attention (out, lse) pairs of one checkpointed layer call, kept from its forward for its recompute."""
 
-    def __init__(self, offloader: _Offloader, offload: bool, earlier):
-        self.offloader, self.offload, self.earlier = offloader, offload, earlier
+    def __init__(self, offloader: _Offloader, index: int, earlier):
+        self.offloader, self.index, self.earlier = offloader, index, earlier
+        self.offload = index < offloader.first_kept
         self.pairs: list[list] = []
         self.replayed = 0  # pairs taken by the recompute in progress (a retained graph may recompute again)
 
     def keep(self, tensors: tuple[torch.Tensor, ...]) -> None:
         offloader = self.offloader
-        if self.offload and not _host_has_room(sum(map(_nbytes, tensors))):
+        move = [self.offload and _nbytes(t) >= offloader.min_bytes for t in tensors]
+        moved = sum(_nbytes(t) for t, m in zip(tensors, move) if m)
+        if moved and not offloader.host_has_room(moved + offloader.checkpoint_bytes_after(self.index)):
             offloader.stats.attention_not_kept += 1
             self.pairs.append(None)  # the recompute computes this one
             return
-        move = [self.offload and _nbytes(t) >= offloader.min_bytes for t in tensors]
         self.pairs.append([_Offloaded(t, offloader._stream_for(t), offloader.stats) if m else t
                            for t, m in zip(tensors, move)])
 
@@ -173,28 +192,36 @@ class _KeptAttention:
         return tuple(h.take(self.offloader.stats) if isinstance(h, _Offloaded) else h for h in pair)
 
 
-# The attention cache is an optimisation: it never takes the host's last HOST_RESERVE of memory (a host OOM would
-# kill the run; recomputing only costs time).
-HOST_RESERVE_FRACTION, HOST_RESERVE_MIN = 0.1, 4 << 30
+HOST_SHARE = 0.9  # of MemTotal, for all processes on the host together (Note [Host budget])
 
 
-def _host_memory() -> tuple[int, int] | None:
-    """(available, total) bytes of host memory from /proc/meminfo; None where there is none (not Linux)."""
+def _host_total() -> int | None:
+    """MemTotal in bytes from /proc/meminfo; None where there is none (not Linux)."""
+    return _meminfo_bytes("/proc/meminfo", "MemTotal")
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (VmRSS, pinned pages included), bytes."""
+    return _meminfo_bytes("/proc/self/status", "VmRSS") or 0
+
+
+def _meminfo_bytes(path: str, field: str) -> int | None:
     try:
-        with open("/proc/meminfo") as fh:
-            fields = dict(line.split(":", 1) for line in fh)
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    return None
+
+
+def _automatic_budget(reserved: int) -> int | None:
+    total = _host_total()
+    if total is None:
         return None
-    kib = {name: int(fields[name].split()[0]) * 1024 for name in ("MemAvailable", "MemTotal") if name in fields}
-    return (kib["MemAvailable"], kib["MemTotal"]) if len(kib) == 2 else None
-
-
-def _host_has_room(nbytes: int) -> bool:
-    memory = _host_memory()
-    if memory is None:
-        return True
-    available, total = memory
-    return available - nbytes >= max(HOST_RESERVE_MIN, HOST_RESERVE_FRACTION * total)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, int(HOST_SHARE * total) // processes - _resident_bytes() - reserved)
 
 
 _phase = threading.local()  # (the layer call's _KeptAttention, replaying?) while a checkpointed layer runs
@@ -242,11 +269,28 @@ class _Offloader:
         self.min_bytes = config.offload_min_bytes
         self.first_kept = num_layers - config.keep_last_layers_on_gpu
         self.cache_attention = config.cache_attention
+        self.budget_gib = config.host_memory_gib
+        self.reserved = 0  # bytes the step allocates on the host later (reserve_host_memory)
+        self.budget_fixed = False
+        self.layer_bytes: dict[int, int] = {}  # checkpoint bytes offloaded per layer, this forward
         self.stats = OffloadStats()
         self.stream = None
         self.last = None
         self.last_attention = None
         self.saved = weakref.WeakValueDictionary()
+
+    def host_has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit in the host budget (Note [Host budget]); the first call fixes the budget."""
+        if not self.budget_fixed:
+            self.budget_fixed = True
+            self.stats.budget_bytes = (int(self.budget_gib * 2**30) if self.budget_gib is not None
+                                       else _automatic_budget(self.reserved))
+        budget = self.stats.budget_bytes
+        return budget is None or self.stats.current_bytes + nbytes <= budget
+
+    def checkpoint_bytes_after(self, index: int) -> int:
+        """Host bytes the checkpoints of the offloaded layers after `index` will take, if sized like layer index's."""
+        return max(0, self.first_kept - index - 1) * self.layer_bytes.get(index, 0)
 
     def _stream_for(self, x: torch.Tensor):
         if x.device.type != "cuda":
@@ -268,14 +312,19 @@ class _Offloader:
         """Pack/unpack hooks for layer `index`'s checkpoint; layer 0 starts a new forward."""
         if index == 0:
             self.last, self.last_attention, self.saved = None, None, weakref.WeakValueDictionary()
+            self.layer_bytes = {}
         previous = self.last
         offload = index < self.first_kept
 
         def pack(x: torch.Tensor):
             move = offload and self._should_offload(x)
             self.saved[x.untyped_storage().data_ptr()] = x
+            if move and not self.host_has_room(_nbytes(x)):
+                self.stats.checkpoints_on_device += 1
+                move = False
             if not move:
                 return x
+            self.layer_bytes[index] = self.layer_bytes.get(index, 0) + _nbytes(x)
             handle = _Offloaded(x, self._stream_for(x), self.stats)
             self.last = weakref.ref(handle)
             return handle
@@ -293,7 +342,7 @@ class _Offloader:
         """checkpoint's context_fn for layer `index`: keep attention outputs in forward, replay them in recompute."""
         if not self.cache_attention:
             return contextlib.nullcontext(), contextlib.nullcontext()
-        kept = _KeptAttention(self, index < self.first_kept, self.last_attention)
+        kept = _KeptAttention(self, index, self.last_attention)
         self.last_attention = weakref.ref(kept)
         return _AttentionPhase(kept, replay=False), _AttentionPhase(kept, replay=True)
 
@@ -329,6 +378,18 @@ def apply_checkpoint_offload(model: nn.Module, config: MemoryConfig) -> nn.Modul
         layer.forward = types.MethodType(_checkpointed_forward, layer)
     model._longseq_offloader = offloader
     return model
+
+
+def reserve_host_memory(model: nn.Module, nbytes: int) -> None:
+    """Tell the offloader that the training step will allocate `nbytes` more of host memory after its first forward
+    (CPU-offloaded gradients and optimizer state), so its automatic host budget leaves room for them. Call it before
+    the first forward; see Note [Host budget]."""
+    offloader = getattr(model, "_longseq_offloader", None)
+    if offloader is None:
+        return  # nothing offloaded, nothing to budget
+    if offloader.budget_fixed:
+        raise RuntimeError("reserve_host_memory: call it before the model's first forward; the host budget is fixed.")
+    offloader.reserved += nbytes
 
 
 def offload_stats(model: nn.Module) -> OffloadStats:

@@ -74,6 +74,15 @@ def apply_fsdp(model, device: torch.device, *, param_dtype: torch.dtype, cpu_off
     for layer in causal.get_decoder().layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if cpu_offload:
+        longseq.memory.reserve_host_memory(model, offloaded_state_bytes(model))
+
+
+def offloaded_state_bytes(model) -> int:
+    """Host bytes this rank's CPU-offloaded training state adds after the first forward: a gradient and AdamW's two
+    moments per local parameter element, in the parameter's dtype (the checkpoint offload leaves room for them)."""
+    local = (getattr(p, "to_local", lambda: p)() for p in model.parameters() if p.requires_grad)
+    return 3 * sum(t.numel() * t.element_size() for t in local)
 
 
 def build_optimizer(model, section: OptimSection, steps: int):
