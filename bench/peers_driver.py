@@ -142,7 +142,8 @@ class Driver:
             for contender in contenders:
                 if contender in failed:
                     self.add(dict(bench="peers", contender=contender, length=length, sp=self.args.sp,
-                                  status="skipped", error=f"a shorter length failed ({failed[contender]})"))
+                                  shape=self.args.shape, layers=self.args.layers or "full", status="skipped",
+                                  error=f"a shorter length failed ({failed[contender]})"))
                     continue
                 record = self.run(contender, length, self.args.timed)
                 self.add(record)

@@ -3,7 +3,7 @@
     python -m bench.report_peers [bench/results/peers.jsonl]      # writes docs/peers-<card>.md and its PNGs
 
 Records of different cards are never mixed (an H200 figure is never compared with an H100 one). When a contender ran
-several times at one (sp, layers, length), the latest record counts. ALST is represented by the better of its two
+several times at one (shape, sp, layers, length), the latest record counts. ALST is represented by the better of its two
 offload flavours (alst, alst-arctic-offload) at each point.
 """
 
@@ -17,80 +17,100 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ALST = ("alst", "alst-arctic-offload")
+MEMORY_FAILURES = ("oom", "killed")  # killed: SIGKILL, the host out of memory
 
 
 def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def series(r: dict) -> tuple:
+    """(shape, sp, layers): the runs whose figures belong in one comparison."""
+    return r.get("shape", "llama-8b"), r.get("sp"), str(r.get("layers", "full"))
+
+
 def latest(records: list[dict]) -> dict:
-    """(contender, sp, layers, length) -> the latest ok-or-failed measured record (searches and skips left out)."""
+    """(contender, shape, sp, layers, length) -> the latest ok-or-failed measured record (searches and skips left
+    out)."""
     found = {}
     for r in records:
         if r.get("status") in ("search", "skipped") or r.get("length") is None:
             continue
-        found[(r["contender"], r.get("sp"), str(r.get("layers", "full")), r["length"])] = r
+        found[(r["contender"], *series(r), r["length"])] = r
     return found
 
 
-def best_alst(points: dict, sp, layers, length):
+def best_alst(points: dict, key: tuple, length: int):
     """The faster ok ALST flavour at this point (or any failed one when none is ok)."""
-    options = [points.get((name, sp, layers, length)) for name in ALST]
+    options = [points.get((name, *key, length)) for name in ALST]
     ok = [r for r in options if r and r.get("status") == "ok"]
     if ok:
         return max(ok, key=lambda r: r.get("tokens_per_s_per_gpu") or 0)
     return next((r for r in options if r), None)
 
 
-def longest_ok(points: dict, names, sp, layers):
-    lengths = [k[3] for k, r in points.items() if k[0] in names and k[1] == sp and k[2] == layers
-               and r.get("status") == "ok"]
-    return max(lengths, default=None)
+def longest(points: dict, names, key: tuple) -> tuple[int | None, int | None]:
+    """(longest length that ran, shortest longer length that failed on memory): the limit is known only where the
+    second exists; a timeout or an error says nothing about memory."""
+    rows = [(k[-1], r.get("status")) for k, r in points.items() if k[0] in names and k[1:-1] == key]
+    ok = max((length for length, status in rows if status == "ok"), default=None)
+    failed = min((length for length, status in rows if status in MEMORY_FAILURES and length > (ok or 0)),
+                 default=None)
+    return ok, failed
 
 
 def marginal_kib_per_token(points: dict) -> dict:
-    """(contender, sp, layers) -> {"L1-L2": KiB} GPU memory per extra token a GPU holds, between the two longest ok
-    lengths of one contender (the weights' fixed part cancels out)."""
+    """(contender, shape, sp, layers) -> {"L1-L2": KiB} GPU memory per extra token a GPU holds, between the two
+    longest ok lengths of one contender (the weights' fixed part cancels out)."""
     by_series = defaultdict(list)
-    for (name, sp, layers, length), r in points.items():
+    for (*key, length), r in points.items():
         if r.get("status") == "ok" and r.get("peak_gib") is not None:
-            by_series[(name, sp, layers)].append((length, r["peak_gib"]))
+            by_series[tuple(key)].append((length, r["peak_gib"]))
     out = {}
-    for (name, sp, layers), rows in by_series.items():
+    for key, rows in by_series.items():
         if len(rows) >= 2:
             (l1, p1), (l2, p2) = sorted(rows)[-2:]
-            out[(name, sp, layers)] = {f"{l1}-{l2}": round((p2 - p1) * 2**20 / ((l2 - l1) / (sp or 1)), 1)}
+            out[key] = {f"{l1}-{l2}": round((p2 - p1) * 2**20 / ((l2 - l1) / (key[2] or 1)), 1)}
     return out
 
 
+def label(key: tuple) -> str:
+    shape, sp, layers = key
+    return f"{shape}/sp{sp}/layers={layers}"
+
+
 def summary(records: list[dict]) -> dict:
-    """longseq / ALST ratios per (sp, layers): longest length that ran, tokens/s at equal length, loss difference."""
+    """longseq / ALST ratios per (shape, sp, layers): tokens/s at equal length, loss difference, GPU bytes per token,
+    longest length that ran and whether a memory failure bounds it."""
     points = latest(records)
     for r in records:  # search probes count for the longest length too
         if r.get("status") == "ok" and r.get("search"):
-            points.setdefault((r["contender"], r.get("sp"), str(r.get("layers", "full")), r["length"]), r)
+            points.setdefault((r["contender"], *series(r), r["length"]), r)
     out = defaultdict(dict)
-    for (name, sp, layers, length), mine in sorted(points.items(), key=lambda kv: str(kv[0])):
+    for (name, *where, length), mine in sorted(points.items(), key=lambda kv: str(kv[0])):
         if name != "longseq":
             continue
-        key = f"sp{sp}/layers={layers}"
-        peer = best_alst(points, sp, layers, length)
+        key = label(tuple(where))
+        peer = best_alst(points, tuple(where), length)
         if peer and peer.get("status") == "ok" and mine.get("status") == "ok" and mine.get("timed_steps"):
-            out[key][f"tokens_per_s_ratio@{length}"] = round(mine["tokens_per_s_per_gpu"] / peer["tokens_per_s_per_gpu"], 3)
+            ratio = mine["tokens_per_s_per_gpu"] / peer["tokens_per_s_per_gpu"]
+            out[key][f"tokens_per_s_ratio@{length}"] = round(ratio, 3)
             out[key][f"loss_diff@{length}"] = round(mine["first_step_loss"] - peer["first_step_loss"], 5)
             out[key][f"peak_gib_longseq/alst@{length}"] = f"{mine['peak_gib']:.1f}/{peer['peak_gib']:.1f}"
-        hf = points.get(("hf", sp, layers, length))
+        hf = points.get(("hf", *where, length))
         if hf and hf.get("status") == "ok" and mine.get("status") == "ok":
             out[key][f"loss_diff_vs_hf@{length}"] = round(mine["first_step_loss"] - hf["first_step_loss"], 5)
-    for (name, sp, layers), slope in marginal_kib_per_token(points).items():
-        out[f"sp{sp}/layers={layers}"][f"marginal_kib_per_token_{name}"] = slope
-    for sp, layers in {(k[1], k[2]) for k in points}:
-        mine, peer = longest_ok(points, ("longseq",), sp, layers), longest_ok(points, ALST, sp, layers)
+    for (name, *where), slope in marginal_kib_per_token(points).items():
+        out[label(tuple(where))][f"marginal_kib_per_token_{name}"] = slope
+    for where in {k[1:-1] for k in points}:
+        (mine, mine_failed), (peer, peer_failed) = longest(points, ("longseq",), where), longest(points, ALST, where)
         if mine or peer:
-            entry = out[f"sp{sp}/layers={layers}"]
-            entry["longest_ok_longseq"], entry["longest_ok_alst"] = mine, peer
-            if mine and peer:
+            entry = out[label(where)]
+            entry.update(longest_ok_longseq=mine, out_of_memory_longseq=mine_failed, longest_ok_alst=peer,
+                         out_of_memory_alst=peer_failed)
+            if mine and peer and peer_failed:  # a ratio of lengths means something only where ALST's limit was hit
                 entry["longest_ratio"] = round(mine / peer, 3)
+                entry["longest_ratio_is"] = "bracketed" if mine_failed else "a lower bound (longseq's limit not hit)"
     return {"ratios_longseq_over_alst": dict(out)}
 
 
@@ -104,11 +124,11 @@ def plot(points: dict, card_slug: str, folder: Path) -> list[str]:
     for metric, label in (("peak_gib", "peak GPU memory, GiB (max over ranks)"),
                           ("tokens_per_s_per_gpu", "tokens/s per GPU")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        series = defaultdict(list)
-        for (name, sp, layers, length), r in sorted(points.items(), key=lambda kv: kv[0][3]):
+        lines = defaultdict(list)
+        for (name, shape, sp, layers, length), r in sorted(points.items(), key=lambda kv: kv[0][-1]):
             if r.get("status") == "ok" and r.get(metric) == r.get(metric) and r.get(metric) is not None:
-                series[f"{name} sp={sp} layers={layers}"].append((length / 1024, r[metric]))
-        for label_, xy in sorted(series.items()):
+                lines[f"{name} {shape} sp={sp} layers={layers}"].append((length / 1024, r[metric]))
+        for label_, xy in sorted(lines.items()):
             ax.plot(*zip(*xy), marker="o", label=label_)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length, K tokens")
