@@ -63,6 +63,7 @@ import functools
 import os
 import threading
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -74,6 +75,11 @@ from longseq.config import MemoryConfig
 from longseq.memory.tiled import decoder_layers
 
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+_HOST_FULL = (
+    "longseq: the host budget for offloaded checkpoints ({:.1f} GiB) is full, so further checkpoints stay on the GPU "
+    "(which may run out of memory). Set MemoryConfig.host_memory_gib if the host has more room, or shorten the "
+    "sequence; see Note [Host budget] in longseq/memory/offload.py."
+)
 _DOUBLE_CHECKPOINT = (
     "MemoryConfig.offload_checkpoints=True checkpoints every decoder layer itself, and HF gradient checkpointing "
     "is on too (it would checkpoint each layer twice). Call model.activation_checkpointing_disable() (older "
@@ -320,6 +326,8 @@ class _Offloader:
             move = offload and self._should_offload(x)
             self.saved[x.untyped_storage().data_ptr()] = x
             if move and not self.host_has_room(_nbytes(x)):
+                if not self.stats.checkpoints_on_device:
+                    warnings.warn(_HOST_FULL.format(self.stats.budget_bytes / 2**30), stacklevel=2)
                 self.stats.checkpoints_on_device += 1
                 move = False
             if not move:
