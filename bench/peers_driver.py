@@ -38,6 +38,8 @@ def driver_parser() -> argparse.ArgumentParser:
                         help="seconds per run (--search: for the first length, × (length / first)² beyond)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole driver")
     parser.add_argument("--search", action="store_true", help="longest length that fits: double, then bisect at 64K")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, one more under torch.profiler; its top kernels go in the record")
     parser.add_argument("--search-max", type=int, default=1 << 22)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--seed", type=int, default=0)
@@ -105,6 +107,8 @@ class Driver:
                "--device", args.device, "--records", str(records)]
         if args.layers:
             cmd += ["--layers", str(args.layers)]
+        if args.profile and timed:
+            cmd += ["--profile"]
         start = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self._env(gpus), stdout=log, stderr=subprocess.STDOUT,

@@ -78,9 +78,26 @@ def measure(contender, length: int, args, device: torch.device) -> dict:
     world = dist.get_world_size()
     if world > 1:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    extra = dict(profile_top=profile_step(lambda: contender.step(tokens), cuda)) if args.profile else {}
     return dict(status="ok", first_step_loss=loss, peak_gib=peaks[0].item(), reserved_gib=peaks[1].item(),
                 host_peak_gib=peaks[2].item(), step_s=seconds, tokens_per_s_per_gpu=length / seconds / world,
-                tflops_per_gpu=model_flops(length, contender.config) / seconds / world / 1e12)
+                tflops_per_gpu=model_flops(length, contender.config) / seconds / world / 1e12, **extra)
+
+
+def profile_step(step, cuda: bool, top: int = 25) -> list[dict]:
+    """One more step (after the timed ones, so their figures are untouched) under torch.profiler: the kernels with the
+    most device time (on CPU: the ops with the most self CPU time), with their share of the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        synchronize()
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, field) > 0]
+    total = sum(getattr(e, field) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, field), reverse=True)
+    return [dict(name=e.key[:160], calls=e.count, ms=round(getattr(e, field) / 1e3, 2),
+                 share=round(getattr(e, field) / total, 4)) for e in events[:top]]
 
 
 def base_record(args, length: int, world: int) -> dict:
@@ -148,6 +165,7 @@ def worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (stated in the record)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536])
     parser.add_argument("--timed", type=int, default=1, help="timed steps after the first; 0: memory only")
+    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler: top kernels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--records", default=None, help="append rank 0's records here (the driver sets it)")
