@@ -142,7 +142,8 @@ def worker(args) -> None:
             result = measure(contender, length, args, device)
             if rank == 0:
                 emit({**base_record(args, length, world), **result, "settings": contender.settings,
-                      "layers_built": contender.config.num_hidden_layers, **contender.observed(), **versions()}, args.records)
+                      "layers_built": contender.config.num_hidden_layers, **contender.observed(), **versions()},
+                     args.records)
     except BaseException as exc:  # noqa: BLE001 - one failing rank must still leave a record behind
         record = {**base_record(args, length, world), "status": classify(exc), "rank": rank,
                   "error": f"{type(exc).__name__}: {str(exc)[:600]}", **versions()}
