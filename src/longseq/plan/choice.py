@@ -13,6 +13,7 @@ so giving it exactly the planned host bytes as `host_memory_gib` reproduces the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from longseq.plan.errors import PlanError
@@ -96,7 +97,7 @@ def available_knobs() -> frozenset[str]:
     return frozenset(k for k, name in PENDING_KNOBS.items() if name in fields)
 
 
-def memory_config_kwargs(choice: Choice, host_bytes: float) -> dict:
+def memory_config_kwargs(choice: Choice, host_bytes: float, offload_min_bytes: int = 1 << 20) -> dict:
     """MemoryConfig's keyword arguments for `choice`; host_bytes: what the offloader may hold on the host (its
     budget reproduces the planned split of kept attention outputs)."""
     pending = choice.pending_knobs()
@@ -107,14 +108,14 @@ def memory_config_kwargs(choice: Choice, host_bytes: float) -> dict:
                   tile_memory_mib=choice.tile_memory_mib, offload_checkpoints=choice.checkpointing,
                   cache_attention=choice.checkpointing and choice.cache_attention,
                   keep_last_layers_on_gpu=choice.checkpoint_gpu_layers if choice.checkpointing else 0,
-                  host_memory_gib=round(host_bytes / _GIB, 3))
+                  host_memory_gib=math.ceil(host_bytes / _GIB * 1000) / 1000, offload_min_bytes=offload_min_bytes)
     if choice.layers_per_checkpoint != 1:
         kwargs[PENDING_KNOBS["layers_per_checkpoint"]] = choice.layers_per_checkpoint
     return kwargs
 
 
-def to_memory_config(choice: Choice, host_bytes: float):
+def to_memory_config(choice: Choice, host_bytes: float, offload_min_bytes: int = 1 << 20):
     """The MemoryConfig that runs `choice` (see memory_config_kwargs)."""
     from longseq import MemoryConfig
 
-    return MemoryConfig(**memory_config_kwargs(choice, host_bytes))
+    return MemoryConfig(**memory_config_kwargs(choice, host_bytes, offload_min_bytes))

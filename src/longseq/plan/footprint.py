@@ -89,6 +89,7 @@ def host_usage(problem: Problem, choice: Choice, layout: memory.Placement) -> tu
 
 
 def footprint(problem: Problem, choice: Choice) -> Footprint:
+    choice = memory.effective(problem, choice)
     w = memory.widths(problem, choice)
     layout = memory.placement_terms(problem, choice, w)
     host, offloaded = host_usage(problem, choice, layout)

@@ -33,7 +33,7 @@ Without the cache the one-GPU path is the model's own SDPA (flash, for GQA): no 
 the kernel's dk/dv built per query head then summed, no prefetched output: 104.6 (measured: 105). What changes
 under Ulysses (q, k, v and the output arrive as dense exchange buffers, the o_proj input is a copy), ring (fp32
 accumulators for dq and the dk/dv travelling with K/V), packed documents (the kernel's buffers follow the
-longest document), untiled MLP (four I-wide intermediates kept, three more in backward), untiled norms (fp32
+longest document), untiled MLP (four I-wide intermediates kept, two more at its backward's peak), untiled norms (fp32
 copies of their inputs) and the loss (tile × V fp32 logits, or all of them untiled) is in the functions below;
 each term names the tensor it counts.
 
@@ -45,7 +45,7 @@ of two, so each offloaded tensor counts at its rounded size (the host budget cou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from longseq.plan.choice import Choice
 from longseq.plan.problem import Problem
@@ -53,7 +53,7 @@ from longseq.plan.terms import Term
 
 _MIB = 2**20
 _VOCAB_CHUNK = 8192  # memory/tiled_loss: fp32 weight-gradient products per vocabulary chunk
-OFFLOAD_MIN_BYTES = 1 << 20  # MemoryConfig.offload_min_bytes' default: smaller saved tensors stay on the GPU
+
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,19 @@ class Widths:
     head_dim_bytes: float
     fp32: float
     """fp32 bytes per element over the compute dtype's (accumulators)."""
+
+
+def mlp_tile_positions(problem: Problem, choice: Choice) -> int:
+    """memory/tiled.py's tile: the most positions whose three (batch·t × I) intermediates fit tile_memory_mib."""
+    per_position = problem.workload.batch * problem.shape.intermediate * 3 * problem.dtype_bytes
+    return max(1, choice.tile_memory_mib * _MIB // per_position)
+
+
+def effective(problem: Problem, choice: Choice) -> Choice:
+    """The choice as it runs: a tiled MLP whose sequence fits in one tile runs untiled (memory/tiled.py)."""
+    if choice.tiled_mlp and problem.tokens // problem.workload.batch <= mlp_tile_positions(problem, choice):
+        return replace(choice, tiled_mlp=False)
+    return choice
 
 
 def widths(problem: Problem, choice: Choice) -> Widths:
@@ -162,24 +175,33 @@ def attention_backward(problem: Problem, w: Widths) -> list[Term]:
         workspace = Term("kernel workspace", g, w.workspace)
         return dout + accumulators + _kernel_call(w, 1.0) + [max(casts, workspace, key=lambda t: t.per_token)]
     share = w.document_share
-    terms = dout + _kernel_call(w, share) + [Term("kernel workspace", g, w.workspace * share)]
+    fold = 2 * w.kv if w.expand else 0.0
+    terms = dout + _kernel_call(w, share) + [_workspace_or_fold(w.workspace * share, fold * share)]
     if share < 1:
         terms.append(Term("dq, dk, dv of the whole sequence (per-document calls)", g, w.q + 2 * w.kv))
     return terms
+
+
+def _workspace_or_fold(workspace: float, fold: float) -> Term:
+    """The kernel's own workspace while it runs, or after it the dk/dv summed back to the KV heads, whichever is
+    larger (both never coexist)."""
+    if workspace >= fold:
+        return Term("kernel workspace", "attention backward", workspace)
+    return Term("dk, dv summed to the KV heads", "attention backward", fold)
 
 
 def mlp_backward(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     """The MLP's backward, on top of all the layer's saved tensors."""
     g = "MLP backward"
     shape, trains = problem.shape, problem.workload.training != "lora"
-    terms = [Term("MLP input gradient", g, w.hidden)]
+    # At the MLP backward's peak six I-wide tensors live: gate, act and up (saved), the gradient of down_proj's
+    # input, then those of act and up; the product (down_proj's saved input) is freed by then, and no gradient has
+    # reached the MLP's input yet (seen with bench/live_bytes.py).
     if not choice.tiled_mlp:
-        # Upper bound: the product's gradient, then those of act and up while the four saved stay (peak of ~6 seen
-        # in autograd's order, counted as 7).
-        return terms + [Term("MLP backward intermediates", g, 3 * w.inter)]
-    # Per tile: gate, up, act, product saved by the recompute, then three gradients of that width (Note [Tiled
-    # compute]); a tile's three intermediates fill tile_memory_mib, so seven fill 7/3 of it.
-    terms.append(Term("MLP tile (recompute and its gradients)", g, fixed=7 / 3 * choice.tile_memory_mib * _MIB))
+        return [Term("MLP backward: three gradients, less the freed product", g, 2 * w.inter)]
+    terms = [Term("MLP input gradient", g, w.hidden)]
+    tile = mlp_tile_positions(problem, choice) * problem.workload.batch * w.inter  # one (batch·t × I) tensor
+    terms.append(Term("MLP tile (its recompute and gradients)", g, fixed=6 * tile))
     if trains:
         mlp = 3 * shape.hidden * shape.intermediate
         terms.append(Term("MLP weight gradients over tiles (fp32 sums, one tile's)", g,
@@ -197,7 +219,8 @@ def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     if not choice.tiled_loss:
         logits = w.vocab * (3 * 4 + problem.dtype_bytes)
         return terms + [Term("logits: fp32, log-softmax and their gradients", g, logits)]
-    terms.append(Term("logits tile (fp32) and its gradient", g, fixed=choice.tile_memory_mib * _MIB))
+    tile = max(1, choice.tile_memory_mib * _MIB // (w.vocab * 8))  # memory/tiled_loss.loss_tile_tokens
+    terms.append(Term("logits tile (fp32) and its gradient", g, fixed=min(tile, problem.tokens) * w.vocab * 8))
     if problem.workload.training != "lora":
         terms += [Term("lm_head gradient accumulator (fp32)", g, fixed=shape.vocab * shape.hidden * 4),
                   Term("lm_head gradient chunk product (fp32)", g, fixed=_VOCAB_CHUNK * shape.hidden * 4)]
@@ -221,8 +244,9 @@ class Placement:
     """Its kept attention output is on the host."""
 
 
-def _on_host(per_token: float, tokens: int) -> bool:
-    return per_token * tokens >= OFFLOAD_MIN_BYTES
+def _on_host(per_token: float, problem: Problem) -> bool:
+    """The offloader moves only tensors of at least offload_min_bytes."""
+    return per_token * problem.tokens >= problem.offload_min_bytes
 
 
 def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
@@ -235,7 +259,7 @@ def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
         if row not in built:
             checkpoint, attention = row
             kept, host = [], []
-            offloaded = checkpoint == "host" and _on_host(w.hidden, tokens)
+            offloaded = checkpoint == "host" and _on_host(w.hidden, problem)
             if not choice.checkpointing:
                 kept = [Term(t.name, "activations kept (no checkpointing)", t.per_token) for t in through + before]
             elif offloaded:
@@ -243,7 +267,7 @@ def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
             elif checkpoint != "none":
                 kept.append(Term("checkpoint", "checkpoints on the GPU", w.hidden))
             for name, width in pair if attention in ("gpu", "host") else []:
-                if attention == "host" and _on_host(width, tokens):
+                if attention == "host" and _on_host(width, problem):
                     host.append(Term(name, "kept attention outputs on the host", width))
                 else:
                     kept.append(Term(name, "kept attention outputs on the GPU", width))

@@ -53,7 +53,7 @@ class Plan:
         """The MemoryConfig that runs the chosen configuration (PlanError when nothing fits)."""
         if not self.fits:
             raise PlanError(self.shortfall_message())
-        return to_memory_config(self.chosen.choice, self.host_budget_bytes())
+        return to_memory_config(self.chosen.choice, self.host_budget_bytes(), self.problem.offload_min_bytes)
 
     def shortfall(self) -> dict[str, float]:
         """GiB each budget is short by at least (whatever the placement), 0 where it alone can be met."""
@@ -148,7 +148,8 @@ def plan_for(model_config, mesh, batch_shape: tuple[int, int], machine: Machine 
 def settings(result: Plan) -> dict:
     """The chosen configuration as `longseq train` keys: memory.* (MemoryConfig) and training.cpu_offload."""
     choice = result.chosen.choice
-    memory = {f"memory.{k}": v for k, v in memory_config_kwargs(choice, result.host_budget_bytes()).items()}
+    kwargs = memory_config_kwargs(choice, result.host_budget_bytes(), result.problem.offload_min_bytes)
+    memory = {f"memory.{k}": v for k, v in kwargs.items()}
     if result.problem.workload.training == "full":
         memory["training.cpu_offload"] = choice.fsdp_cpu_offload
     return memory

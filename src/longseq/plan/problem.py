@@ -112,6 +112,8 @@ class Problem:
     machine: Machine
     dtype_bytes: int = 2
     """Bytes per element of the compute dtype (bf16)."""
+    offload_min_bytes: int = 1 << 20
+    """MemoryConfig.offload_min_bytes: smaller saved tensors stay on the GPU."""
 
     def __post_init__(self) -> None:
         check_heads(self.shape, self.layout.ulysses)

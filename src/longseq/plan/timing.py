@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from longseq.plan.choice import Choice
+from longseq.plan.memory import effective
 from longseq.plan.problem import Problem
 
 _G = 2**30
@@ -65,6 +66,7 @@ def layer_flops(problem: Problem) -> tuple[float, float, float]:
 
 
 def step_time(problem: Problem, choice: Choice) -> StepTime:
+    choice = effective(problem, choice)
     card, shape, tokens = problem.machine.card, problem.shape, problem.tokens
     trains_weights = problem.workload.training != "lora"
     attention, projections, mlp = layer_flops(problem)
