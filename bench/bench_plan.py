@@ -78,8 +78,9 @@ def hf_config(shape: ModelShape):
                 max_position_embeddings=1 << 23)
 
 
-def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1) -> dict:
-    """Build the model, apply the plan's MemoryConfig, run a warm-up step and `timed_steps` more; peaks of the last."""
+def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None) -> dict:
+    """Build the model, apply the plan's MemoryConfig, run a warm-up step and `timed_steps` more; peaks of the last
+    (on CPU: live tensors, bench/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks."""
     import torch
     import transformers
 
@@ -93,15 +94,12 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(problem.shape), dtype=dtype,
                                                               attn_implementation="sdpa").train()
-    longseq.apply(model, longseq.Mesh(), memory)
-    length = problem.workload.length
-    ids = torch.randint(0, problem.shape.vocab, (1, length), device=device)
-    batch = longseq.shard_batch({"input_ids": ids, "labels": ids, "position_ids": torch.arange(length,
-                                                                                            device=device)[None]},
-                                longseq.Mesh())
+    mesh = mesh or longseq.Mesh()
+    longseq.apply(model, mesh, memory)
+    batch = longseq.shard_batch(_batch(problem, device), mesh)
 
     def step():
-        longseq.causal_lm_loss(model, batch).backward()
+        longseq.causal_lm_loss(model, batch, mesh).backward()
         model.zero_grad(set_to_none=False)  # gradients stay allocated: they are part of the fixed memory
 
     result = dict(oom=False)
@@ -128,6 +126,16 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1)
         result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, attention_not_kept=stats.attention_not_kept,
                       checkpoints_on_device=stats.checkpoints_on_device)
     return result
+
+
+def _batch(problem: Problem, device: str) -> dict:
+    """Random tokens; with packed documents, position_ids restart every longest_document tokens."""
+    import torch
+
+    work = problem.workload
+    ids = torch.randint(0, problem.shape.vocab, (work.batch, work.length), device=device)
+    positions = torch.arange(work.length, device=device) % work.document
+    return {"input_ids": ids, "labels": ids, "position_ids": positions.expand(work.batch, -1)}
 
 
 def _peak_rss() -> int:

@@ -42,7 +42,9 @@ class Card:
     attention_workspace_bytes: float
     """Bytes the attention backward kernel allocates for itself per query element (an fp32 dq accumulator: 4)."""
     attention_output_layout: str
-    """Memory layout of the block kernels' output: 'like_q' (cuDNN: the layout of q) or 'bshd' (flash, CPU)."""
+    """Memory layout of the block kernels' output: 'like_q' (cuDNN, CPU: the layout of q) or 'bshd' (flash)."""
+    attention_lse_dense: bool
+    """The block kernels' log-sum-exp comes out dense (B, H, S) (cuDNN, flash; CPU's is (B, S, H) in memory)."""
     sdpa_gqa_expands_kv_grads: bool
     """The model's own SDPA backward with GQA builds dk/dv for every query head before summing (flash does)."""
     tiled_mlp_ns: float

@@ -108,7 +108,7 @@ def memory_config_kwargs(choice: Choice, host_bytes: float, offload_min_bytes: i
                   tile_memory_mib=choice.tile_memory_mib, offload_checkpoints=choice.checkpointing,
                   cache_attention=choice.checkpointing and choice.cache_attention,
                   keep_last_layers_on_gpu=choice.checkpoint_gpu_layers if choice.checkpointing else 0,
-                  host_memory_gib=math.ceil(host_bytes / _GIB * 1000) / 1000, offload_min_bytes=offload_min_bytes)
+                  host_memory_gib=math.ceil(host_bytes / _GIB * 1e6) / 1e6, offload_min_bytes=offload_min_bytes)
     if choice.layers_per_checkpoint != 1:
         kwargs[PENDING_KNOBS["layers_per_checkpoint"]] = choice.layers_per_checkpoint
     return kwargs

@@ -105,7 +105,7 @@ def widths(problem: Problem, choice: Choice) -> Widths:
         inter=shape.intermediate * e, vocab=shape.vocab,
         workspace=problem.machine.card.attention_workspace_bytes * shape.attention_width,
         expand=shape.heads > max(shape.kv_heads, layout.ulysses), path=path, ulysses=layout.ulysses,
-        ring=layout.ring, out_dense=out_dense, lse_dense=like_q, document_share=problem.workload.document / problem.workload.length,
+        ring=layout.ring, out_dense=out_dense, lse_dense=problem.machine.card.attention_lse_dense, document_share=problem.workload.document / problem.workload.length,
         head_dim_bytes=shape.head_dim * e, fp32=max(4, e) / e,
     )
 
@@ -137,25 +137,31 @@ def layer_saved(problem: Problem, choice: Choice, w: Widths) -> tuple[list[Term]
     return through, before
 
 
-def _kernel_call(w: Widths, share: float) -> list[Term]:
-    """block_backward's buffers for one kernel call over `share` of the rank's tokens (parallel/kernels.py): it
-    makes dout, q, out and lse dense, expands K and V to the query heads, and the kernel returns dq, dk, dv."""
+def _kernel_call(w: Widths, q_share: float, k_share: float) -> list[Term]:
+    """block_backward's buffers for one kernel call over shares of the rank's query and key tokens
+    (parallel/kernels.py): it makes dout, q, out and lse dense, expands K and V to the query heads, the kernel
+    returns dq, dk, dv, and its workspace, or after it dk and dv summed back to the KV heads (in fp32 on a ring)."""
     g = "attention backward"
-    whole = share == 1 and w.ring == 1  # one call over all the rank's tokens: no slices
-    terms = [Term("dout dense copy", g, w.q * share)]
+    whole = q_share == k_share == 1 and w.ring == 1  # one call over all the rank's tokens: no slices
+    terms = [Term("dout dense copy", g, w.q * q_share)]
     if not (whole and w.ulysses > 1):  # q arrives dense only from Ulysses' exchange
-        terms.append(Term("q dense copy", g, w.q * share))
+        terms.append(Term("q dense copy", g, w.q * q_share))
     if not (whole and w.out_dense):
-        terms.append(Term("attention output dense copy", g, w.q * share))
+        terms.append(Term("attention output dense copy", g, w.q * q_share))
     if not (whole and w.lse_dense):
-        terms.append(Term("log-sum-exp dense copy", g, w.lse * share))
+        terms.append(Term("log-sum-exp dense copy", g, w.lse * q_share))
     if w.expand:
-        terms.append(Term("K and V expanded to the query heads", g, 2 * w.q * share))
+        terms.append(Term("K and V expanded to the query heads", g, 2 * w.q * k_share))
     elif not whole:
-        terms.append(Term("K and V dense copies", g, 2 * w.kv * share))
+        terms.append(Term("K and V dense copies", g, 2 * w.kv * k_share))
     kv_grad = w.q if w.expand else w.kv
-    terms.append(Term("kernel dq, dk, dv", g, (w.q + 2 * kv_grad) * share))
-    return terms
+    terms.append(Term("kernel dq, dk, dv", g, w.q * q_share + 2 * kv_grad * k_share))
+    ring_casts = w.ring > 1 and w.fp32 > 1  # a ring accumulates in fp32: dq cast, dk/dv summed into fp32
+    after = (w.fp32 * w.q * q_share if ring_casts else 0.0) + 2 * w.kv * k_share * (w.fp32 if ring_casts else 1.0) \
+        * (w.expand or ring_casts)
+    if w.workspace * q_share >= after:
+        return terms + [Term("kernel workspace", g, w.workspace * q_share)]
+    return terms + [Term("block gradients summed to the KV heads (and cast)", g, after)]
 
 
 def attention_backward(problem: Problem, w: Widths) -> list[Term]:
@@ -168,26 +174,21 @@ def attention_backward(problem: Problem, w: Widths) -> list[Term]:
                        Term("kernel dk, dv per query head", g, 2 * kv_grad),
                        Term("kernel workspace", g, w.workspace)]
     if w.ring > 1:
+        # Zigzag (Note [Ring attention]): the largest calls are a rank's two q chunks against one k chunk, or one
+        # q chunk against both k chunks; the previous call's gradients are still referenced (at two ranks that
+        # call was one chunk against one). K/V in flight: the received set (and, beyond two ranks, the one held).
+        previous = 0.5 * (w.q + 2 * w.kv) if w.ring == 2 else max(w.q + 2 * 0.5 * w.kv, 0.5 * w.q + 2 * w.kv)
         accumulators = [Term("ring dq accumulator (fp32)", g, w.fp32 * w.q),
                         Term("ring dk/dv: this step's, sent and received (fp32)", g, 3 * 2 * w.fp32 * w.kv),
-                        Term("ring K/V: held and received", g, 2 * 2 * w.kv)]
-        casts = Term("block gradients cast to fp32", g, w.fp32 * (w.q + 2 * w.kv))
-        workspace = Term("kernel workspace", g, w.workspace)
-        return dout + accumulators + _kernel_call(w, 1.0) + [max(casts, workspace, key=lambda t: t.per_token)]
+                        Term("ring K/V received", g, (1 if w.ring == 2 else 2) * 2 * w.kv),
+                        Term("the previous block's gradients (fp32)", g, w.fp32 * previous)]
+        calls = [_kernel_call(w, 1.0, 0.5), _kernel_call(w, 0.5, 1.0)]
+        return dout + accumulators + max(calls, key=lambda c: sum(t.per_token for t in c))
     share = w.document_share
-    fold = 2 * w.kv if w.expand else 0.0
-    terms = dout + _kernel_call(w, share) + [_workspace_or_fold(w.workspace * share, fold * share)]
+    terms = dout + _kernel_call(w, share, share)
     if share < 1:
         terms.append(Term("dq, dk, dv of the whole sequence (per-document calls)", g, w.q + 2 * w.kv))
     return terms
-
-
-def _workspace_or_fold(workspace: float, fold: float) -> Term:
-    """The kernel's own workspace while it runs, or after it the dk/dv summed back to the KV heads, whichever is
-    larger (both never coexist)."""
-    if workspace >= fold:
-        return Term("kernel workspace", "attention backward", workspace)
-    return Term("dk, dv summed to the KV heads", "attention backward", fold)
 
 
 def mlp_backward(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
