@@ -70,11 +70,10 @@ def attention_memory(device, dtype, size) -> dict:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        grads = block_backward(*args, causal=True, scale=1.0, grad_dtype=dtype)
+        block_backward(*args, causal=True, scale=1.0, grad_dtype=dtype)
         # K and V expanded to the query heads, and the kernel's dq, dk, dv: five q-sized tensors besides its own.
         extra = torch.cuda.max_memory_allocated() - before - 5 * q.numel() * q.element_size()
         facts["attention_workspace_bytes"] = max(0.0, extra / q.numel())
-        del grads
     return facts
 
 

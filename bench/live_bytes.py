@@ -6,10 +6,10 @@ torch.cuda.max_memory_allocated that bench/bench_plan.py and tests/test_plan_mea
     live.device_peak, live.host_peak
 
 Every storage an ATen op allocates (an output that shares no input's storage) is counted until it is freed;
-tensors made before the block, e.g. parameters and kept gradients, are not. Offloaded copies are recognised by how the offloader makes them on a
-machine without CUDA: `x.to("cpu", copy=True)` of a device tensor (an aten._to_copy with a device and no dtype
-change) is a host copy; the same op on a host copy is its restore, back on the "device". Buffers a kernel allocates
-for itself are invisible here (the card's attention_workspace_bytes is 0 for the CPU).
+tensors made before the block, e.g. parameters and kept gradients, are not. Offloaded copies are recognised by how
+the offloader makes them on a machine without CUDA: `x.to("cpu", copy=True)` of a device tensor (an aten._to_copy
+with a device and no dtype change) is a host copy; the same op on a host copy is its restore, back on the "device".
+Buffers a kernel allocates for itself are invisible here (the card's attention_workspace_bytes is 0 for the CPU).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class LiveBytes(TorchDispatchMode):
                 and kwargs.get("dtype", args[0].dtype) == args[0].dtype)
         if host and self._is_host(args[0]):
             host = False  # the restore of a host copy
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             # Views and in-place results share an input's storage: nothing new (and parameters made before the
             # block must not be counted when first seen through a view).

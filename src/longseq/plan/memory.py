@@ -105,7 +105,8 @@ def widths(problem: Problem, choice: Choice) -> Widths:
         inter=shape.intermediate * e, vocab=shape.vocab,
         workspace=problem.machine.card.attention_workspace_bytes * shape.attention_width,
         expand=shape.heads > max(shape.kv_heads, layout.ulysses), path=path, ulysses=layout.ulysses,
-        ring=layout.ring, out_dense=out_dense, lse_dense=problem.machine.card.attention_lse_dense, document_share=problem.workload.document / problem.workload.length,
+        ring=layout.ring, out_dense=out_dense, lse_dense=problem.machine.card.attention_lse_dense,
+        document_share=problem.workload.document / problem.workload.length,
         head_dim_bytes=shape.head_dim * e, fp32=max(4, e) / e,
     )
 
@@ -252,7 +253,7 @@ def _on_host(per_token: float, problem: Problem) -> bool:
 
 def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
     """Each layer's GPU-kept and host-held terms under the choice's placement."""
-    tokens, result = problem.tokens, Placement()
+    result = Placement()
     through, before = layer_saved(problem, choice, w)
     pair = [("kept attention output", w.q), ("kept attention log-sum-exp", w.lse)]
     built: dict[tuple[str, str], tuple[list[Term], list[Term], bool]] = {}

@@ -66,7 +66,10 @@ class Plan:
         if self.limit == "step time":
             parts = [f"every fitting configuration takes longer than --max-step-s {self.max_step_s:g} s"]
         elif not parts:
-            parts = ["GPU and host memory can each be met, but not together"]
+            closest = self.short.closest
+            parts = [f"GPU and host memory can each be met, but not together (the closest configuration is "
+                     f"{max(0.0, closest.gpu_over) / _GIB:.1f} GiB over on the GPU and "
+                     f"{max(0.0, closest.host_over) / _GIB:.1f} GiB over on the host)"]
         return (f"nothing fits {work.batch} × {work.length} tokens on {self.problem.layout.gpus} GPU(s): "
                 f"{'; '.join(parts)}. Shorten the sequence, add GPUs (sp) or memory, or use --length max.")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from longseq.plan.card import Card
 from longseq.plan.errors import PlanError
@@ -130,8 +130,6 @@ class Problem:
         return min(self.machine.gpus_per_host, self.layout.gpus)
 
     def with_length(self, length: int) -> Problem:
-        from dataclasses import replace
-
         return replace(self, workload=replace(self.workload, length=length))
 
 

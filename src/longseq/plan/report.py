@@ -34,7 +34,7 @@ def placement_summary(result: Plan) -> dict[str, str]:
     return summary
 
 
-def _memory_config(result: Plan) -> dict | str:
+def _settings_or_reason(result: Plan) -> dict | str:
     try:
         return settings(result)
     except PlanError as error:
@@ -66,7 +66,7 @@ def as_dict(result: Plan) -> dict:
     if result.fits:
         out["time"]["tokens_per_s"] = tokens_per_second(result)
         out["placement"] = placement_summary(result)
-        out["settings"] = _memory_config(result)
+        out["settings"] = _settings_or_reason(result)
     return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from longseq.plan.errors import PlanError
@@ -60,8 +60,6 @@ class ModelShape:
         return self.layers * self.layer_params + self.root_params
 
     def with_layers(self, layers: int) -> ModelShape:
-        from dataclasses import replace
-
         return replace(self, layers=layers)
 
 
