@@ -26,7 +26,7 @@ def _write_docs(tmp_path, texts):
 
 def test_batch_labels_order_and_epochs(tmp_path):
     path = _write_docs(tmp_path, [f"document {i} " * (i + 1) for i in range(40)])
-    kwargs = dict(format="auto", text_field="text", split="train", tokenizer="byte", seq_len=32, shuffle=True,
+    kwargs = dict(format="auto", text_field="text", split="train", tokenizer=ByteTokenizer(), seq_len=32, shuffle=True,
                   max_documents=None)
     data = build_dataset([str(path)], seed=3, **kwargs)
     again = build_dataset([str(path)], seed=3, **kwargs)
@@ -81,5 +81,5 @@ def test_unreadable_data_names_the_file(tmp_path):
 def test_too_little_data(tmp_path):
     path = _write_docs(tmp_path, ["tiny"])
     with pytest.raises(DataError, match="not enough for one sequence of data.seq_len=4096"):
-        build_dataset([str(path)], format="auto", text_field="text", split="train", tokenizer="byte", seq_len=4096,
+        build_dataset([str(path)], format="auto", text_field="text", split="train", tokenizer=ByteTokenizer(), seq_len=4096,
                       seed=0, shuffle=False, max_documents=None)

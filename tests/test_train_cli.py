@@ -137,7 +137,7 @@ def test_dp2_one_node_and_two_nodes(tmp_path):
 
 
 def _in_process(config: Path, *overrides: str):
-    from longseq.train.config import load_config
+    from longseq.train.config_loader import load_config
     from longseq.train.loop import train
 
     return train(load_config(config, list(overrides)))
@@ -173,10 +173,13 @@ def test_out_of_memory_is_explained(tmp_path, monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(loop, "train_step", oom)
-    assert main(["train", str(write_config(tmp_path, "oom"))]) == 1
+    assert main(["train", str(write_config(tmp_path, "oom", memory={"tiled_loss": False}))]) == 1
     err = capsys.readouterr().err
     assert "out of memory at step 1 with data.seq_len=128" in err
     assert "--memory.tiled_loss=true" in err and "raise parallel.sp" in err
+    assert "--memory.tiled_mlp=true" not in err  # already on
+    assert main(["train", str(write_config(tmp_path, "oom_plain")), "--memory=false"]) == 1
+    assert "drop `memory: false`" in capsys.readouterr().err
 
 
 def test_length_the_mesh_cannot_shard():

@@ -17,7 +17,7 @@ import torch
 
 from longseq.data.readers import DataError, read_documents
 from longseq.data.shard import IGNORE_INDEX
-from longseq.data.tokenizer import encode_document, load_tokenizer
+from longseq.data.tokenizer import encode_document
 
 
 @dataclass
@@ -73,13 +73,13 @@ def pack(documents: Iterable[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.
     return flat.reshape(rows, seq_len), (column - segment_start).astype(np.int32)
 
 
-def build_dataset(paths: list[str], *, format: str, text_field: str, split: str, tokenizer: str, seq_len: int,
+def build_dataset(paths: list[str], *, format: str, text_field: str, split: str, tokenizer, seq_len: int,
                   seed: int, shuffle: bool, max_documents: int | None) -> PackedRows:
-    """Read, tokenize, shuffle (documents, with `seed`) and pack; the same on every rank."""
-    tok = load_tokenizer(tokenizer)
+    """Read, tokenize with `tokenizer` (load_tokenizer's), shuffle (documents, with `seed`) and pack; the same on
+    every rank."""
     texts = list(islice(read_documents(paths, format, text_field, split), max_documents))
     order = np.random.default_rng(seed).permutation(len(texts)) if shuffle else range(len(texts))
-    tokens, positions = pack((encode_document(tok, texts[i]) for i in order), seq_len)
+    tokens, positions = pack((encode_document(tokenizer, texts[i]) for i in order), seq_len)
     if len(tokens) == 0:
         total = sum(len(t) for t in texts)
         raise DataError(f"data.paths hold {len(texts)} documents (~{total} characters), not enough for one sequence "

@@ -19,8 +19,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from longseq.models.apply import find_causal_lm
-
 
 class TrainState(Stateful):
     """Everything a resumed run needs, in the shape dcp.save/dcp.load expect."""
@@ -71,12 +69,13 @@ def load(state: TrainState, path: Path) -> None:
 
 
 def export_hf(model, out_dir: Path, attn_implementation: str, tokenizer=None) -> None:
-    """Gather the full weights (collective) and write safetensors + config.json that from_pretrained loads."""
+    """Gather the full weights of the trained CausalLM `model` (collective) and write safetensors + config.json that
+    from_pretrained loads, and the tokenizer's files if it is a Hugging Face one."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 
-        config = copy.deepcopy(find_causal_lm(model).config)
+        config = copy.deepcopy(model.config)
         config._attn_implementation = attn_implementation  # not longseq's sequence-parallel kernel name
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(config)

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from longseq.train.config import ConfigError, help_text, load_config
+from longseq.train.config import ConfigError
+from longseq.train.config_loader import help_text, load_config
 
 USAGE = "longseq train [CONFIG.yaml] [--demo] [--nproc N] [--section.key=value ...]"
 
@@ -26,7 +27,8 @@ def main(argv: list[str]) -> int:
         return 0
     from longseq.data.readers import DataError
     from longseq.train import demo
-    from longseq.train.launch import spawn_local, under_torchrun
+    from longseq.mesh import under_torchrun
+    from longseq.train.launch import spawn_local
 
     try:
         if args.config is None and not args.demo:

@@ -26,6 +26,7 @@ DEMO = {
                          "vocab_size": 259, "max_position_embeddings": 8192, "tie_word_embeddings": True}},
     "data": {"paths": [f"{DEFAULT_RUN_DIR}/data/stdlib.jsonl"], "tokenizer": "byte", "seq_len": 4096},
     "parallel": {"sp": 2},
+    "memory": False,  # 2048 tokens per rank need none of the memory features (they trade time for memory)
     "optim": {"lr": 0.002, "warmup_steps": 10, "weight_decay": 0.0, "min_lr_ratio": 0.1},
     "training": {"steps": 150, "batch_size": 1, "seed": 0},
     "checkpoint": {"every": 50, "resume": False},

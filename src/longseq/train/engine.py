@@ -32,11 +32,11 @@ def model_config(section: ModelSection):
     return AutoConfig.from_pretrained(section.path, **overrides)
 
 
-def build_model(section: ModelSection, seed: int, vocab_size: int):
-    """from_pretrained (or random init from the config) on the host, identical on every rank."""
+def build_model(section: ModelSection, config, seed: int, vocab_size: int):
+    """from_pretrained (or random init from `config`, model_config's result) on the host, identical on every rank."""
     from transformers import AutoModelForCausalLM
 
-    config, dtype = model_config(section), DTYPES[section.dtype]
+    dtype = DTYPES[section.dtype]
     if config.vocab_size < vocab_size:
         raise ConfigError(f"the model's vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
                           f"set model.config.vocab_size >= {vocab_size} or pick the model's own tokenizer.")
@@ -108,9 +108,9 @@ def lr_factor(step: int, section: OptimSection, steps: int) -> float:
     return section.min_lr_ratio + (1 - section.min_lr_ratio) * shape
 
 
-def build_engine(config: TrainConfig, mesh: Mesh, vocab_size: int):
-    """(model, optimizer, scheduler), ready to train on this rank."""
-    model = build_model(config.model, config.training.seed, vocab_size)
+def build_engine(config: TrainConfig, mesh: Mesh, hf_config, vocab_size: int):
+    """(model, optimizer, scheduler), ready to train on this rank; `hf_config` is model_config's result."""
+    model = build_model(config.model, hf_config, config.training.seed, vocab_size)
     longseq.apply(model, mesh, config.memory)
     param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
     apply_fsdp(model, mesh.device, param_dtype=param_dtype, cpu_offload=config.training.cpu_offload)

@@ -25,12 +25,11 @@ from longseq.data.packing import PackedRows, build_dataset
 from longseq.data.readers import DataError
 from longseq.data.shard import IGNORE_INDEX, slices_per_row
 from longseq.data.tokenizer import load_tokenizer
-from longseq.mesh import Mesh
-from longseq.models.apply import find_causal_lm
+from longseq.mesh import Mesh, init_distributed
 from longseq.train import checkpoint
-from longseq.train.config import ConfigError, TrainConfig, to_dict
+from longseq.train.config import ConfigError, TrainConfig
+from longseq.train.config_loader import to_dict
 from longseq.train.engine import build_engine, clip_gradients, model_config
-from longseq.train.launch import init_distributed
 from longseq.train.metrics import (
     MetricsWriter, Progress, Timer, matmul_params, peak_memory_gib, peak_tflops, train_flops,
 )
@@ -46,7 +45,7 @@ class Interrupted(Exception):
 
 def train(config: TrainConfig) -> list[dict] | None:
     """Train as configured; returns the logged metric rows on rank 0 (None elsewhere)."""
-    created = init_distributed()
+    created = init_distributed(one_process=True)
     try:
         return _train(config)
     finally:
@@ -59,24 +58,24 @@ def train(config: TrainConfig) -> list[dict] | None:
 
 def _train(config: TrainConfig) -> list[dict] | None:
     parallel = config.parallel
-    mesh = longseq.init_mesh(sp=parallel.sp, dp=parallel.dp, ring=parallel.ring, model=model_config(config.model))
+    hf_config = model_config(config.model)
+    mesh = longseq.init_mesh(sp=parallel.sp, dp=parallel.dp, ring=parallel.ring, model=hf_config)
     check_shardable(config.data.seq_len, mesh)
     run_dir = Path(config.metrics.run_dir)
     if mesh.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     data = config.data
+    tokenizer = load_tokenizer(data.tokenizer)
     dataset = build_dataset(data.paths, format=data.format, text_field=data.text_field, split=data.split,
-                            tokenizer=data.tokenizer, seq_len=data.seq_len, seed=config.training.seed,
+                            tokenizer=tokenizer, seq_len=data.seq_len, seed=config.training.seed,
                             shuffle=data.shuffle, max_documents=data.max_documents)
     check_enough_rows(dataset, config, mesh)
-    vocab_size = load_tokenizer(data.tokenizer).vocab_size
-    model, optimizer, scheduler = build_engine(config, mesh, vocab_size)
+    model, optimizer, scheduler = build_engine(config, mesh, hf_config, tokenizer.vocab_size)
     state = checkpoint.TrainState(model, optimizer, scheduler)
     _resume(state, config, run_dir, mesh)
     rows = _loop(config, mesh, model, dataset, state, run_dir)
     if config.checkpoint.export_hf:
-        tokenizer = load_tokenizer(data.tokenizer)
         checkpoint.export_hf(model, run_dir / "hf", config.model.attn_implementation,
                              getattr(tokenizer, "inner", None))
     return rows
@@ -168,8 +167,8 @@ def explain_oom(config: TrainConfig, mesh: Mesh, step: int) -> str:
     """What ran out of memory, and what to switch on, most effective first."""
     tips = []
     if config.memory is None:
-        tips.append("switch on the memory features: --memory.tiled_loss=true (tiled MLP, tiled loss and "
-                    "offloaded checkpoints all come on with any memory.* key)")
+        tips.append("switch the memory features on: drop `memory: false` (or --memory=false) to get tiled MLP, "
+                    "norms and loss and offloaded checkpoints")
     else:
         off = [k for k in ("tiled_loss", "tiled_mlp", "tiled_norms", "offload_checkpoints")
                if not getattr(config.memory, k)]
@@ -212,10 +211,9 @@ class _Reporter:
     """Times each step and, on rank 0, writes metrics and drives the progress bar."""
 
     def __init__(self, config: TrainConfig, mesh: Mesh, model, run_dir: Path, start: int):
-        causal = find_causal_lm(model)
         self.config, self.mesh = config, mesh
-        self.params = matmul_params(causal)
-        self.layers, self.hidden = causal.config.num_hidden_layers, causal.config.hidden_size
+        self.params = matmul_params(model)
+        self.layers, self.hidden = model.config.num_hidden_layers, model.config.hidden_size
         self.peak = peak_tflops(mesh.device, config.metrics.peak_tflops)
         self.rows: list[dict] = []
         self.writer = self.progress = None
