@@ -30,7 +30,8 @@ def write_config(tmp: Path, run: str, **sections) -> Path:
     if not data.exists():
         data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n" + f"    return x * {i} + {i % 7}\n" * (i % 9 + 1)})
                                 + "\n" for i in range(120)))
-    config = {"model": {"config": TINY_MODEL}, "data": {"paths": [str(data)], "seq_len": 128},
+    config = {"model": {"config": TINY_MODEL},
+              "data": {"paths": [str(data)], "seq_len": 128, "cache_dir": str(tmp / "token-cache")},
               "optim": {"lr": 3e-3, "warmup_steps": 1}, "training": {"steps": 4, "batch_size": 1},
               "checkpoint": {"every": 2, "keep": None, "export_hf": False},
               "metrics": {"run_dir": str(tmp / run), "progress": False, "tensorboard": False}}
@@ -156,7 +157,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(loop, "train_step", interrupted_at_2)
-    with pytest.raises(loop.Interrupted, match="stopped at step 2 after Ctrl-C"):
+    with pytest.raises(loop.Interrupted, match="stopped at step 2 by SIGINT"):
         _in_process(config)
     assert (tmp_path / "interrupted" / "checkpoints" / "step_000002" / ".metadata").exists()
     monkeypatch.setattr(loop, "train_step", original)
@@ -185,7 +186,7 @@ def test_out_of_memory_is_explained(tmp_path, monkeypatch, capsys):
 def test_length_the_mesh_cannot_shard():
     from longseq.mesh import Mesh
     from longseq.train.config import ConfigError
-    from longseq.train.loop import check_shardable
+    from longseq.train.preflight import check_shardable
 
     with pytest.raises(ConfigError, match="data.seq_len=130 cannot be split evenly over sp=4.*data.seq_len=132"):
         check_shardable(130, Mesh(world_size=4, sp=4, ulysses=4))

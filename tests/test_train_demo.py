@@ -13,12 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_short(tmp_path):
     run = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+           "LONGSEQ_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "longseq.cli", "train", "--demo", "--training.steps=3",
                              f"--metrics.run_dir={run}", "--metrics.progress=false"],
                             env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-6000:]
-    assert "step     loss" in result.stdout and "loss plot" in result.stdout
+    assert "step     loss" in result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("longseq train: loss ") and "over steps 1–3" in summary and "(loss.png)" in summary
     documents = [json.loads(line) for line in (run / "data" / "stdlib.jsonl").read_text().splitlines()]
     assert {"json", "email", "asyncio"} <= {d["package"] for d in documents}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,8 @@ class ModelSection:
     dtype: str = "float32"
     """dtype of the trained (master) weights and optimizer state: float32 or bfloat16; compute dtype: training.mixed_precision."""
     attn_implementation: str = "sdpa"
-    """Attention kernel on the gathered sequence: sdpa, flash_attention_2, eager, ..."""
+    """Attention kernel on the gathered sequence: sdpa, flex_attention, flash_attention_2/3 (flash-attn, CUDA), or
+    eager (parallel.sp = 1 only)."""
 
     def __post_init__(self) -> None:
         if self.path is None and "model_type" not in self.config:
@@ -59,6 +60,9 @@ class DataSection:
     """Shuffle documents before packing and the packed sequences every epoch (seeded by training.seed)."""
     max_documents: int | None = None
     """Read at most this many documents (None: all)."""
+    cache_dir: str | None = None
+    """Where the documents are tokenised once and memory-mapped by every rank of a host (Note [Token cache] in
+    data/cache.py); None: $LONGSEQ_CACHE_DIR, else ~/.cache/longseq/tokens."""
 
     def __post_init__(self) -> None:
         if not self.paths:

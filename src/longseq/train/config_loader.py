@@ -50,6 +50,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_problem(e, str(path)) + " Fix the file there.") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...).")
         raw = _merge(raw, loaded)
@@ -166,7 +168,21 @@ def _split_override(item: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {item!r} must look like --section.key=value.")
     key, value = text.split("=", 1)
-    return key, yaml.safe_load(value) if value else ""
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {item}: the value is not valid YAML ({problem}); quote it to pass a string, "
+                          f"e.g. --{key}='\"{value}\"'.") from e
+
+
+def _yaml_problem(error: yaml.YAMLError, where: str) -> str:
+    """'FILE:LINE:COLUMN: not valid YAML: problem (context).' from PyYAML's error, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{place}: not valid YAML: {problem}" + (f" ({context})." if context else ".")
 
 
 def _set_dotted(raw: dict, key: str, value) -> None:

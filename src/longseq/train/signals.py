@@ -4,11 +4,14 @@ Note [Stopping without losing work]
 SIGINT (Ctrl-C), SIGTERM (preemption: Slurm, Kubernetes) and SIGHUP (a closed terminal) only set a flag. At the
 end of the step every rank learns whether any rank was asked to stop (one all-reduce of the signal number), then
 they save a checkpoint together and exit with 128 + the signal's number (130 for Ctrl-C), rank 0 printing one line.
-A later signal of the same kind aborts at once; one within REPEAT_S of the first counts as the same request,
+A later stop signal aborts at once, without saving; one within REPEAT_S of the first counts as the same request,
 because a launcher that forwards signals (torchrun's agent) delivers the terminal's Ctrl-C a second time:
 
-    terminal ──Ctrl-C──> torchrun agent ──forwards SIGINT──> worker    (and the terminal's own SIGINT to the worker)
-                  `longseq train --nproc N` starts the workers in their own session and forwards each signal once
+    torchrun:    terminal ──Ctrl-C──> agent ──SIGINT──> worker    and    terminal ──Ctrl-C──> worker
+    --nproc N:   terminal ──Ctrl-C──> launcher ──SIGINT──> worker  (workers in their own session: once)
+
+torchrun's agent also kills its workers --shutdown-timeout seconds (30 by default) after forwarding a signal, and
+reports the stop in its own lines and exit status; with steps longer than that, raise the timeout.
 
 Output: `longseq train ... | tee log` and Ctrl-C kill tee first, so the next write to stdout fails with EPIPE (or,
 with SIGPIPE at its default action, kills the process before it can save). SIGPIPE is ignored, and stdout and
