@@ -29,3 +29,17 @@ def test_demo_short(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (run / "checkpoints" / "step_000003" / ".metadata").exists()
     assert (run / "loss.png").stat().st_size > 0 and (run / "hf" / "model.safetensors").exists()
+
+
+def test_readme_cpu_quick_start_runs(tmp_path):
+    """The README's CPU quick start, as printed there, trains on 2 CPU processes."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- cpu-quick-start")[1].split("```python\n")[1].split("```")[0]
+    script = tmp_path / "quickstart_cpu.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-6000:]
+    losses = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("loss ")]
+    assert len(losses) == 3 and losses[2] < losses[0], result.stdout

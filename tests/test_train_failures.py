@@ -268,3 +268,32 @@ def test_a_failing_worker_stops_the_others_at_once():
     together = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(2)"]),
                 subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])]
     assert _watch(together) == 2 and together[0].returncode == 2
+
+
+def test_a_repeated_stop_signal_aborts_and_a_forwarded_copy_does_not(monkeypatch, capsys):
+    """The first SIGINT/SIGTERM/SIGHUP asks for a save; the same Ctrl-C forwarded by torchrun's agent (within
+    REPEAT_S) is not a second request; a later one aborts at once with one line, without saving."""
+    from longseq.mesh import Mesh
+    from longseq.train import loop, signals
+
+    aborted = []
+    for signum in signals.STOP_SIGNALS:
+        with signals.StopRequests(aborted.append) as stop:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.agreed(Mesh()) == signum and aborted == []
+            stop.first_at -= signals.REPEAT_S + 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert aborted == [signal.SIGTERM]
+        aborted.clear()
+        assert signal.getsignal(signum) is not stop._handle
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as exited:
+        loop._abort(signal.SIGINT, Path("/nonexistent/run"), Mesh())
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == ("longseq train: aborted by a second SIGINT without saving; there is no "
+                                       "checkpoint yet.\n")

@@ -178,7 +178,7 @@ def _same(a: Path | None, b: Path) -> bool:
 def _abort(signum: int, run_dir: Path, mesh: Mesh) -> None:
     """A repeated stop signal: exit at once, without saving (Note [Stopping without losing work])."""
     done = [p for p in checkpoint.step_dirs(run_dir) if checkpoint.is_complete(p)]
-    last = f"the last checkpoint is {done[-1]}" if done else "no checkpoint was saved"
+    last = f"the last checkpoint is {done[-1]}" if done else "there is no checkpoint yet"
     _say(mesh, f"longseq train: aborted by a second {signal_name(signum)} without saving; {last}.")
     os._exit(128 + signum)
 
