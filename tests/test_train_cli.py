@@ -42,6 +42,19 @@ def write_config(tmp: Path, run: str, **sections) -> Path:
     return path
 
 
+def eval_docs(tmp: Path) -> str:
+    """Held-out documents unlike the training ones (29 rows of 128 tokens)."""
+    path = tmp / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": f"class C{i}:\n" + f"    value = {i} - {i % 5}\n" * (i % 6 + 2)})
+                            + "\n" for i in range(40)))
+    return str(path)
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+
+
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
 
@@ -62,10 +75,10 @@ def check(result) -> None:
 
 @pytest.fixture(scope="module")
 def sp2_run(tmp_path_factory):
-    """4 steps on 2 ranks with sp=2, checkpoints at 2 and 4, and the HF export."""
+    """4 steps on 2 ranks with sp=2, checkpoints at 2 and 4, evaluation at 2 and 4, and the HF export."""
     tmp = tmp_path_factory.mktemp("sp2")
     config = write_config(tmp, "sp2", parallel={"sp": 2}, checkpoint={"export_hf": True},
-                          metrics={"tensorboard": True})
+                          metrics={"tensorboard": True}, eval={"paths": [eval_docs(tmp)], "every": 2, "max_sequences": 7})
     check(torchrun("-m", "longseq.cli", "train", str(config)))
     return tmp, config
 
@@ -79,6 +92,17 @@ def test_sp2_run_writes_everything(sp2_run):
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_000002", "step_000004"}
     assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["sp"] == 2
     assert list((run / "tensorboard").iterdir())
+
+
+def test_eval_loss_is_exact_under_sequence_parallelism(sp2_run, tmp_path):
+    """The sharded eval loss at sp=2 equals one process's at sp=1, evaluated on the same rows after the same steps."""
+    tmp, config = sp2_run
+    _in_process(config, "--parallel.sp=1", f"--metrics.run_dir={tmp_path / 'sp1'}", "--checkpoint.export_hf=false")
+    sharded, single = eval_losses(tmp / "sp2"), eval_losses(tmp_path / "sp1")
+    assert sorted(sharded) == sorted(single) == [2, 4]
+    torch.testing.assert_close(torch.tensor([sharded[2], sharded[4]]), torch.tensor([single[2], single[4]]),
+                               atol=2e-6, rtol=2e-6)
+    assert sharded[4] < sharded[2]
 
 
 def test_resume_is_exact(sp2_run, tmp_path):
@@ -119,7 +143,8 @@ def _free_port() -> int:
 def test_dp2_one_node_and_two_nodes(tmp_path):
     """dp=2 on one node; the same run on two torchrun agents (rendezvous on localhost) gives identical losses,
     and both match one process accumulating the same 4 rows per step."""
-    config = write_config(tmp_path, "dp2", parallel={"dp": 2}, training={"grad_accum": 2, "steps": 3})
+    evaluation = {"paths": [eval_docs(tmp_path)], "max_sequences": 5}  # odd: one dp rank runs an empty last round
+    config = write_config(tmp_path, "dp2", parallel={"dp": 2}, training={"grad_accum": 2, "steps": 3}, eval=evaluation)
     check(torchrun("-m", "longseq.cli", "train", str(config)))
     port = _free_port()
     agents = [subprocess.Popen(
@@ -131,10 +156,13 @@ def test_dp2_one_node_and_two_nodes(tmp_path):
         out, err = agent.communicate(timeout=180)
         assert agent.returncode == 0, err[-6000:]
     assert losses(tmp_path / "nodes") == losses(tmp_path / "dp2")
-    _in_process(write_config(tmp_path, "single", training={"grad_accum": 4, "steps": 3}))
+    _in_process(write_config(tmp_path, "single", training={"grad_accum": 4, "steps": 3}, eval=evaluation))
     single, dp2 = losses(tmp_path / "single"), losses(tmp_path / "dp2")
     for step in (1, 2, 3):
         torch.testing.assert_close(torch.tensor(single[step]), torch.tensor(dp2[step]), atol=2e-6, rtol=2e-6)
+    assert list(eval_losses(tmp_path / "dp2")) == [3]
+    torch.testing.assert_close(eval_losses(tmp_path / "dp2")[3], eval_losses(tmp_path / "single")[3], atol=2e-6,
+                               rtol=2e-6)
 
 
 def _in_process(config: Path, *overrides: str):

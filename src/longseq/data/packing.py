@@ -87,13 +87,14 @@ class PackedRows:
 
 
 def build_dataset(paths: list[str], *, format: str, text_field: str, split: str, tokenizer, seq_len: int,
-                  seed: int, shuffle: bool, max_documents: int | None, cache_dir=None) -> PackedRows:
+                  seed: int, shuffle: bool, max_documents: int | None, cache_dir=None,
+                  field: str = "data.paths") -> PackedRows:
     """The packed rows of these documents under `tokenizer` (load_tokenizer's), through the token cache in
-    `cache_dir` (None: default_cache_dir()); the same on every rank."""
+    `cache_dir` (None: default_cache_dir()); the same on every rank. `field` names the paths in errors."""
     cache = open_token_cache(paths, format=format, text_field=text_field, split=split, max_documents=max_documents,
                              tokenizer=tokenizer, cache_dir=cache_dir)
     rows = PackedRows(cache.tokens, cache.offsets, seq_len, seed=seed, shuffle=shuffle)
     if len(rows) == 0:
-        raise DataError(f"data.paths hold {rows.documents} documents ({rows.total_tokens} tokens), not enough for one "
+        raise DataError(f"{field} hold {rows.documents} documents ({rows.total_tokens} tokens), not enough for one "
                         f"sequence of data.seq_len={seq_len} tokens. Add data or lower data.seq_len.")
     return rows

@@ -147,6 +147,27 @@ class TrainingSection:
 
 
 @dataclass(kw_only=True)
+class EvalSection:
+    """Held-out documents: their exact mean loss over every token, computed sharded like training."""
+
+    paths: list[str] = field(default_factory=list)
+    """Files, directories or globs of the eval documents (empty: no evaluation); read, tokenized and packed like
+    data.paths, with data's format, text_field, tokenizer and seq_len."""
+    split: str = "validation"
+    """The split to read when an hf_disk path holds a DatasetDict."""
+    every: int = 0
+    """Evaluate every this many steps, and after the last one (0: after the last step only)."""
+    max_sequences: int | None = None
+    """Evaluate the first this many packed sequences (None: all of them)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every} must be >= 0 (0: after the last step only).")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise ConfigError(f"eval.max_sequences={self.max_sequences} must be at least 1 (or None: all).")
+
+
+@dataclass(kw_only=True)
 class CheckpointSection:
     """torch.distributed.checkpoint snapshots and the final Hugging Face export."""
 
@@ -203,6 +224,8 @@ class TrainConfig:
     """Optimizer and schedule."""
     training: TrainingSection = field(default_factory=TrainingSection)
     """The loop."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Evaluation."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpoints and export."""
     metrics: MetricsSection = field(default_factory=MetricsSection)

@@ -31,6 +31,7 @@ from longseq.train import checkpoint
 from longseq.train.config import ConfigError, TrainConfig
 from longseq.train.config_loader import to_dict
 from longseq.train.engine import build_engine, clip_gradients, model_config
+from longseq.train.evaluate import Evaluation
 from longseq.train.metrics import Reporter, plot_loss, read_metrics, summary_line
 from longseq.train.preflight import check_enough_rows, check_shardable, preflight
 from longseq.train.resume import choose_start, continue_run_dir, run_fingerprint
@@ -57,6 +58,7 @@ class Run:
     mesh: Mesh
     model: torch.nn.Module
     dataset: PackedRows
+    evaluation: Evaluation | None
     tokenizer: object
     state: checkpoint.TrainState
     run_dir: Path
@@ -118,6 +120,7 @@ def _prepare(config: TrainConfig, mesh: Mesh, hf_config, run_dir: Path) -> Run:
                             tokenizer=tokenizer, seq_len=data.seq_len, seed=config.training.seed,
                             shuffle=data.shuffle, max_documents=data.max_documents, cache_dir=data.cache_dir)
     check_enough_rows(len(dataset), config, mesh)
+    evaluation = _evaluation(config, tokenizer)
     fingerprint = run_fingerprint(config, tokenizer, dataset, mesh.dp)
     say = lambda line: _say(mesh, line)  # noqa: E731
     start, earlier = choose_start(config, run_dir, fingerprint, say)
@@ -129,7 +132,18 @@ def _prepare(config: TrainConfig, mesh: Mesh, hf_config, run_dir: Path) -> Run:
     if mesh.rank == 0:
         continue_run_dir(run_dir, state.step, say)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    return Run(config, mesh, model, dataset, tokenizer, state, run_dir, fingerprint, start)
+    return Run(config, mesh, model, dataset, evaluation, tokenizer, state, run_dir, fingerprint, start)
+
+
+def _evaluation(config: TrainConfig, tokenizer) -> Evaluation | None:
+    section, data = config.eval, config.data
+    if not section.paths:
+        return None
+    rows = build_dataset(section.paths, format=data.format, text_field=data.text_field, split=section.split,
+                         tokenizer=tokenizer, seq_len=data.seq_len, seed=0, shuffle=False, max_documents=None,
+                         cache_dir=data.cache_dir, field="eval.paths")
+    count = min(len(rows), section.max_sequences or len(rows))
+    return Evaluation(rows, count, config.training.batch_size)
 
 
 def _loop(run: Run, stop: StopRequests) -> list[dict] | None:
@@ -143,12 +157,13 @@ def _loop(run: Run, stop: StopRequests) -> list[dict] | None:
                 _stop(run, signum, saved)
             if state.step >= config.training.steps:
                 break
-            report.start()
+            report.lap()
             try:
                 loss, grad_norm, positions = train_step(config, mesh, run.model, run.dataset, state)
             except torch.OutOfMemoryError as e:
                 raise TrainingError(explain_oom(config, mesh, state.step + 1)) from e
-            report.step(state, loss, grad_norm, positions)
+            seconds = report.lap()
+            report.step(state, loss, grad_norm, positions, seconds, _evaluate_if_due(run))
             if section.every and state.step % section.every == 0:
                 saved = checkpoint.save(state, run.run_dir, section.keep, run.fingerprint)
     finally:
@@ -156,6 +171,13 @@ def _loop(run: Run, stop: StopRequests) -> list[dict] | None:
     if not _same(saved, checkpoint.checkpoint_dir(run.run_dir, state.step)):
         checkpoint.save(state, run.run_dir, section.keep, run.fingerprint)
     return report.rows if mesh.rank == 0 else None
+
+
+def _evaluate_if_due(run: Run) -> float | None:
+    every, step = run.config.eval.every, run.state.step
+    if run.evaluation is None or not (step == run.config.training.steps or (every and step % every == 0)):
+        return None
+    return run.evaluation(run.model, run.mesh)
 
 
 def _stop(run: Run, signum: int, saved: Path | None) -> None:

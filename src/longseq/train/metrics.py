@@ -115,6 +115,8 @@ class Progress:
                  "TFLOP/s": f"{row['tflops_per_device']:.2f}", "mem": f"{row['peak_mem_gib']:.1f}G"}
         if row.get("mfu") is not None:
             shown["MFU"] = f"{100 * row['mfu']:.1f}%"
+        if row.get("eval_loss") is not None:
+            shown["eval_loss"] = f"{row['eval_loss']:.4f}"
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(row["step"] - self.bar.n)
@@ -133,8 +135,10 @@ def summary_line(rows: list[dict], run_dir: Path, plotted: bool) -> str:
     seconds = sum(r["step_s"] for r in rows)
     speed = sum(r["tokens"] for r in rows) / seconds if seconds else float("nan")
     plot = "loss.png" if plotted else "no loss.png: pip install matplotlib"
+    evaluated = [r for r in rows if "eval_loss" in r]
+    eval_part = f", eval loss {evaluated[-1]['eval_loss']:.4f} at step {evaluated[-1]['step']}" if evaluated else ""
     return (f"longseq train: loss {rows[0]['loss']:.4f} → {rows[-1]['loss']:.4f} over steps {rows[0]['step']}–"
-            f"{rows[-1]['step']}, {speed:,.0f} tokens/s; run directory {run_dir} ({plot})")
+            f"{rows[-1]['step']}{eval_part}, {speed:,.0f} tokens/s; run directory {run_dir} ({plot})")
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> bool:
@@ -193,12 +197,14 @@ class Reporter:
             self.progress = Progress(config.training.steps, start, config.metrics.progress)
         self.timer = Timer(mesh.device)
 
-    def start(self) -> None:
-        self.timer.lap()
+    def lap(self) -> float:
+        """Seconds since the last call (call before and after the timed work)."""
+        return self.timer.lap()
 
-    def step(self, state, loss: float, grad_norm: float, positions: torch.Tensor) -> None:
-        seconds = self.timer.lap()
-        if self.mesh.rank != 0 or state.step % self.config.metrics.log_every:
+    def step(self, state, loss: float, grad_norm: float, positions: torch.Tensor, seconds: float,
+             eval_loss: float | None = None) -> None:
+        """Log a step every metrics.log_every steps, and every step that was evaluated."""
+        if self.mesh.rank != 0 or (state.step % self.config.metrics.log_every and eval_loss is None):
             return
         # Rank 0's rows stand for every dp group's (same length; document mix may differ slightly).
         flops = train_flops(self.params, self.layers, self.hidden, positions) * self.mesh.dp
@@ -208,6 +214,8 @@ class Reporter:
                "tokens": tokens, "tokens_per_s": tokens / seconds,
                "tflops_per_device": tflops, "mfu": tflops / self.peak if self.peak else None,
                "peak_mem_gib": peak_memory_gib(self.mesh.device), "step_s": seconds}
+        if eval_loss is not None:
+            row["eval_loss"] = eval_loss
         self.rows.append(row)
         self.writer.write(row)
         self.progress.update(row)
