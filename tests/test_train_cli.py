@@ -78,7 +78,8 @@ def sp2_run(tmp_path_factory):
     """4 steps on 2 ranks with sp=2, checkpoints at 2 and 4, evaluation at 2 and 4, and the HF export."""
     tmp = tmp_path_factory.mktemp("sp2")
     config = write_config(tmp, "sp2", parallel={"sp": 2}, checkpoint={"export_hf": True},
-                          metrics={"tensorboard": True}, eval={"paths": [eval_docs(tmp)], "every": 2, "max_sequences": 7})
+                          metrics={"tensorboard": True},
+                          eval={"paths": [eval_docs(tmp)], "every": 2, "max_sequences": 7})
     check(torchrun("-m", "longseq.cli", "train", str(config)))
     return tmp, config
 
