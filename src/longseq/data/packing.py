@@ -16,7 +16,7 @@ import torch
 
 from longseq.data.cache import open_token_cache
 from longseq.data.readers import DataError
-from longseq.data.shard import IGNORE_INDEX
+from longseq.loss import IGNORE_INDEX
 
 
 @dataclass

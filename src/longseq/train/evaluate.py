@@ -16,7 +16,7 @@ import torch
 
 import longseq
 from longseq.data.packing import PackedRows
-from longseq.data.shard import IGNORE_INDEX
+from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
 
 

@@ -24,8 +24,8 @@ import yaml
 
 import longseq
 from longseq.data.packing import PackedRows, build_dataset
-from longseq.data.shard import IGNORE_INDEX
 from longseq.data.tokenizer import load_tokenizer
+from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh, init_distributed
 from longseq.train import checkpoint
 from longseq.train.config import ConfigError, TrainConfig
