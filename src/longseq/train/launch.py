@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from longseq.train.signals import STOP_SIGNALS
+from longseq.train.signals import STOP_SIGNALS, handling_stop_signals
 
 POLL_S = 0.05
 GRACE_S = 10.0
@@ -32,8 +32,7 @@ def spawn_local(nproc: int, argv: list[str]) -> int:
     workers = [subprocess.Popen([sys.executable, "-m", "longseq.cli", *argv], env=_worker_env(rank, nproc, port,
                                                                                                 threads),
                                 start_new_session=True) for rank in range(nproc)]
-    stop = _Forwarder(workers)
-    with stop:
+    with handling_stop_signals(_forward_to(workers)):
         return _watch(workers)
 
 
@@ -82,23 +81,11 @@ def _exit_code(workers: list[subprocess.Popen], first: int) -> int:
     return 128 - chosen if chosen < 0 else chosen
 
 
-class _Forwarder:
-    """Forward each stop signal the launcher gets to every worker still running."""
-
-    def __init__(self, workers: list[subprocess.Popen]):
-        self.workers = workers
-        self.previous = {}
-
-    def __enter__(self):
-        for signum in STOP_SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._forward)
-        return self
-
-    def _forward(self, signum, frame) -> None:
-        for worker in self.workers:
+def _forward_to(workers: list[subprocess.Popen]):
+    """A signal handler that forwards each stop signal the launcher gets to every worker still running."""
+    def forward(signum, frame) -> None:
+        for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+    return forward

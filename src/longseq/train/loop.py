@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _train(config: TrainConfig) -> list[dict] | None:
     hf_config = model_config(config.model)
     mesh = _mesh(config, hf_config)
     run_dir = Path(config.metrics.run_dir)
-    with StopRequests(lambda signum: _abort(signum, run_dir, mesh)) as stop:
+    with StopRequests(partial(_abort, run_dir=run_dir, mesh=mesh)) as stop:
         run = _prepare(config, mesh, hf_config, run_dir)
         rows = _loop(run, stop)
     if config.checkpoint.export_hf:
@@ -122,7 +123,7 @@ def _prepare(config: TrainConfig, mesh: Mesh, hf_config, run_dir: Path) -> Run:
     check_enough_rows(len(dataset), config, mesh)
     evaluation = _evaluation(config, tokenizer)
     fingerprint = run_fingerprint(config, tokenizer, dataset, mesh.dp)
-    say = lambda line: _say(mesh, line)  # noqa: E731
+    say = partial(_say, mesh)
     start, earlier = choose_start(config, run_dir, fingerprint, say)
     model, optimizer, scheduler = build_engine(config, mesh, hf_config, tokenizer.vocab_size)
     state = checkpoint.TrainState(model, optimizer, scheduler)

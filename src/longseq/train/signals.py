@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -44,11 +45,10 @@ class StopRequests:
         self.on_abort = on_abort
         self.signum = 0
         self.first_at = 0.0
-        self.previous = {}
+        self.handling = handling_stop_signals(self._handle)
 
     def __enter__(self):
-        for signum in STOP_SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._handle)
+        self.handling.__enter__()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -67,8 +67,18 @@ class StopRequests:
         return int(flag.item())
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        self.handling.__exit__(*exc)
+
+
+@contextmanager
+def handling_stop_signals(handler):
+    """Install `handler` for every stop signal, and put the previous handlers back at the end."""
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def signal_name(signum: int) -> str:
