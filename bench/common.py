@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,14 +52,35 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 1) -> float:
-    """Seconds per call, synchronised wall time (call it after a warm-up step)."""
-    synchronize()
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Timing:
+    """Synchronised wall time of each timed call, seconds."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    def fields(self, name: str) -> dict:
+        """`{name}_s` (the median: the figure quoted), `{name}_s_min` and how many calls were timed."""
+        return {f"{name}_s": self.median, f"{name}_s_min": self.min, f"{name}_repeats": len(self.seconds)}
+
+
+def timed(fn, repeats: int = 1) -> Timing:
+    """Time `repeats` calls of `fn`, each on its own (call it after a warm-up step): the spread, not one mean."""
+    seconds = []
     for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
         fn()
-    synchronize()
-    return (time.perf_counter() - start) / repeats
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return Timing(tuple(seconds))
 
 
 def reset_peak() -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import build_model
-from bench.peers_contenders import Contender
+from bench.peers_records import Contender
 
 IGNORE_INDEX = -100
 

@@ -7,24 +7,10 @@ every valid shifted token of the sequence), as a float.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from bench.common import build_model
-
-
-@dataclass
-class Contender:
-    step: Callable[[torch.Tensor], float]
-    """One step on the full (1, length) token ids (each contender shards them itself); returns the loss."""
-    config: object
-    """The model's transformers config (for FLOPs and the record)."""
-    settings: dict = field(default_factory=dict)
-    """What this contender switched on, for the record."""
-    observed: Callable[[], dict] = dict
-    """What the run did that settings cannot say in advance (rank 0's), for the record."""
+from bench.peers_records import Contender
 
 
 def full_batch(tokens: torch.Tensor, device: torch.device) -> dict:

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from bench.peers_contenders import ALST, NAMES
-from bench.run_peers import GRANULE
+from bench.peers_records import ROOT, VERSION_KEYS, save, table
+from bench.report_peers import summary
 
-ROOT = Path(__file__).resolve().parent.parent
-VERSION_KEYS = ("card", "gpus", "torch", "transformers", "cuda", "deepspeed", "liger_kernel")
+GRANULE = 65536
+"""--search bisects down to this many tokens."""
 
 
 def driver_parser() -> argparse.ArgumentParser:
@@ -195,44 +196,6 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def save(records: list[dict]) -> None:
-    lines = [json.dumps(r, sort_keys=True, default=str) for r in records]
-    for folder in filter(None, [os.environ.get("OUT"), str(ROOT / "bench" / "results")]):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(folder) / "peers.jsonl", "a") as fh:
-            fh.writelines(line + "\n" for line in lines)
-
-
-def kib_per_token(record: dict) -> float | None:
-    """Peak GPU memory (weights and all) per token a GPU holds (length / sp), KiB."""
-    peak, length = record.get("peak_gib"), record.get("length")
-    if peak is None or not length or peak != peak:
-        return None
-    return peak * 2**20 / (length / (record.get("sp") or 1))
-
-
-def table(records: list[dict]) -> str:
-    head = ("| contender | sp | layers | length | status | loss | GPU peak GiB | GPU KiB/token | host peak GiB | step s "
-            "| tok/s/GPU | TFLOP/s/GPU | call |")
-    rows = [head, "|" + " --- |" * 13]
-
-    def fmt(value, spec):
-        return format(value, spec) if isinstance(value, (int, float)) and value == value else "–"
-
-    for r in records:
-        if r.get("status") == "search":
-            rows.append(f"| {r['contender']} | {r['sp']} | {r['layers']} | longest ok: {r['longest_ok']} "
-                        f"(failed: {r['shortest_failed']}) | search | | | | | | | | {r.get('device_call', '')} |")
-            continue
-        rows.append(f"| {r.get('contender')} | {r.get('sp')} | {r.get('layers', '')} | {r.get('length')} | "
-                    f"{r.get('status')} | {fmt(r.get('first_step_loss'), '.4f')} | {fmt(r.get('peak_gib'), '.1f')} | "
-                    f"{fmt(kib_per_token(r), '.0f')} | "
-                    f"{fmt(r.get('host_peak_gib'), '.1f')} | {fmt(r.get('step_s'), '.2f')} | "
-                    f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.0f')} | "
-                    f"{r.get('device_call', '')} |")
-    return "\n".join(rows)
-
-
 def drive(argv: list[str]) -> None:
     args = driver_parser().parse_args(argv)
     driver = Driver(args)
@@ -255,7 +218,5 @@ def drive(argv: list[str]) -> None:
     driver.records = [{**known, **r} for r in driver.records]  # failed runs: the card their neighbours saw
     save(driver.records)
     print(table(driver.records), flush=True)
-    from bench.report_peers import summary
-
     print(json.dumps({"bench": "peers", "runs": len(driver.records), "logs": str(driver.tmp),
                       **summary(driver.records)}, default=str), flush=True)

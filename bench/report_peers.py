@@ -15,29 +15,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.peers_records import ROOT, latest, load, series, table
+
 ALST = ("alst", "alst-arctic-offload")
 MEMORY_FAILURES = ("oom", "killed")  # killed: SIGKILL, the host out of memory
-
-
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def series(r: dict) -> tuple:
-    """(shape, sp, layers): the runs whose figures belong in one comparison."""
-    return r.get("shape", "llama-8b"), r.get("sp"), str(r.get("layers", "full"))
-
-
-def latest(records: list[dict]) -> dict:
-    """(contender, shape, sp, layers, length) -> the latest ok-or-failed measured record (searches and skips left
-    out)."""
-    found = {}
-    for r in records:
-        if r.get("status") in ("search", "skipped") or r.get("length") is None:
-            continue
-        found[(r["contender"], *series(r), r["length"])] = r
-    return found
 
 
 def best_alst(points: dict, key: tuple, length: int):
@@ -144,8 +125,6 @@ def plot(points: dict, card_slug: str, folder: Path) -> list[str]:
 
 
 def write_card(card: str, records: list[dict], folder: Path) -> Path:
-    from bench.peers_driver import table
-
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     points = latest(records)
     images = plot(points, slug, folder)

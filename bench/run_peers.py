@@ -28,16 +28,14 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from bench.common import machine, model_flops, synchronize, timed
-
-GRANULE = 65536
+from bench.common import model_flops, synchronize, timed
+from bench.peers_records import base_record, emit, versions
 
 
 def make_tokens(length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -53,15 +51,6 @@ def host_peak_gib() -> float:
     return float("nan")
 
 
-def versions() -> dict:
-    found = machine()
-    for name in ("deepspeed", "liger_kernel", "arctic_training"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "?")
-    return found
-
-
 def measure(contender, length: int, args, device: torch.device) -> dict:
     """First step (its loss; the warm-up), then --timed steps; peaks are the max over ranks of the whole run."""
     tokens = make_tokens(length, contender.config.vocab_size, args.seed)
@@ -69,7 +58,8 @@ def measure(contender, length: int, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     loss = contender.step(tokens)
-    seconds = timed(lambda: contender.step(tokens), args.timed) if args.timed else float("nan")
+    timing = timed(lambda: contender.step(tokens), args.timed).fields("step") if args.timed else dict(step_s=float("nan"))
+    seconds = timing["step_s"]
     synchronize()
     cuda = device.type == "cuda"
     peaks = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -80,7 +70,7 @@ def measure(contender, length: int, args, device: torch.device) -> dict:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     extra = dict(profile_top=profile_step(lambda: contender.step(tokens), cuda)) if args.profile else {}
     return dict(status="ok", first_step_loss=loss, peak_gib=peaks[0].item(), reserved_gib=peaks[1].item(),
-                host_peak_gib=peaks[2].item(), step_s=seconds, tokens_per_s_per_gpu=length / seconds / world,
+                host_peak_gib=peaks[2].item(), **timing, tokens_per_s_per_gpu=length / seconds / world,
                 tflops_per_gpu=model_flops(length, contender.config) / seconds / world / 1e12, **extra)
 
 
@@ -100,22 +90,8 @@ def profile_step(step, cuda: bool, top: int = 25) -> list[dict]:
                  share=round(getattr(e, field) / total, 4)) for e in events[:top]]
 
 
-def base_record(args, length: int, world: int) -> dict:
-    return dict(bench="peers", contender=args.contender, shape=args.shape, layers=args.layers or "full",
-                length=length, sp=args.sp, world=world, timed_steps=args.timed, seed=args.seed, device=args.device,
-                omp_threads=os.environ.get("OMP_NUM_THREADS"), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
 
 
-def emit(record: dict, records: str | None) -> None:
-    line = json.dumps(record, sort_keys=True, default=str)
-    if records:
-        with open(records, "a") as fh:
-            fh.write(line + "\n")
-    else:
-        from bench.common import write_record
-
-        write_record("peers", record)
-    print(line, flush=True)
 
 
 def classify(exc: BaseException) -> str:
