@@ -22,6 +22,7 @@ import yaml
 from bench.common import build_model
 from bench.peers_records import Contender, ContenderUnavailable, missing
 
+
 def full_batch(tokens: torch.Tensor, device: torch.device) -> dict:
     ids = tokens.to(device)
     return {"input_ids": ids, "labels": ids, "position_ids": torch.arange(ids.shape[1], device=device)[None]}
@@ -174,7 +175,10 @@ def prepare_longseq(args, **fixed) -> Contender:
         return float(loss)
 
     def observed() -> dict:
-        stats = longseq.memory.offload_stats(model)
+        try:
+            stats = longseq.memory.offload_stats(model)
+        except ValueError:  # no checkpoint offload in this MemoryConfig: nothing to report
+            return {}
         budget = stats.budget_bytes
         return dict(host_budget_gib=budget / 2**30 if budget is not None else None,
                     offload_peak_gib=stats.peak_bytes / 2**30, attention_not_kept=stats.attention_not_kept,

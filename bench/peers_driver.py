@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.peers_registry import ALST, NAMES, PLACEMENTS, unavailable
 from bench.peers_ideal import with_ideal
-from bench.peers_records import ROOT, VERSION_KEYS, add_run_options, run_argv, save, table
+from bench.peers_records import ROOT, VERSION_KEYS, add_run_options, run_argv, save, table, why_unavailable
 from bench.report_peers import summary
 
 GRANULE = 65536
@@ -27,7 +27,8 @@ GRANULE = 65536
 
 def driver_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run_peers drive")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs this driver may use (ids first-gpu ..)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs this driver may use (ids first-gpu ..); with "
+                        "--device cpu: how many runs --jobs may start at once")
     parser.add_argument("--first-gpu", type=int, default=0, help="use GPUs first-gpu .. first-gpu+gpus-1")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on disjoint GPUs (they share the host)")
     parser.add_argument("--contenders", nargs="+", default=["longseq", "alst"], choices=NAMES)
@@ -150,8 +151,7 @@ class Driver:
         launched: its record says why."""
         reasons = unavailable(contender, self.args)
         if reasons:
-            return self.base(contender, length, status="unavailable",
-                             error=f"{contender} cannot run here: " + "; ".join(reasons) + ".")
+            return self.base(contender, length, status="unavailable", error=why_unavailable(contender, reasons))
         tried = []
         for placement in self.placements(contender):
             if placement not in PLACEMENTS[contender]:

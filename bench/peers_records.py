@@ -8,6 +8,7 @@ that imports it back: the record's fields are made, written, read, keyed and tab
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -33,8 +34,6 @@ class ContenderUnavailable(RuntimeError):
 
 def missing(*modules: str) -> list[str]:
     """The reason, as a one-item list, when a peer's package among `modules` is not installed here (else [])."""
-    import importlib.util
-
     absent = [m.replace("_", "-") for m in modules if importlib.util.find_spec(m) is None]
     if not absent:
         return []
@@ -42,10 +41,15 @@ def missing(*modules: str) -> list[str]:
             f"{' '.join(absent)}; GPU machines: carry .whl, filled by bash bench/fetch_peer_wheels.sh)"]
 
 
+def why_unavailable(name: str, reasons: list[str]) -> str:
+    """One line naming every reason the contender `name` cannot run here."""
+    return f"{name} cannot run here: " + "; ".join(reasons) + "."
+
+
 def require(name: str, reasons: list[str]) -> None:
     """Raise ContenderUnavailable naming every reason the contender `name` cannot run here (no reasons: return)."""
     if reasons:
-        raise ContenderUnavailable(f"{name} cannot run here: " + "; ".join(reasons) + ".")
+        raise ContenderUnavailable(why_unavailable(name, reasons))
 
 
 @dataclass

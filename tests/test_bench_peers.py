@@ -27,9 +27,10 @@ def test_run_peers_on_cpu_records_every_field_and_losses_agree(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "bench.run_peers", "drive", "--device", "cpu", "--cpus", "1",
-                          "--shape", "tiny", "--lengths", "64", "--timed", "2", "--contenders", "hf", "hf-offload",
-                          "longseq", "--code", "test", "--call", "0", "--results", str(results), "--timeout", "240",
-                          "--budget", "600"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          "--gpus", "2", "--jobs", "2", "--shape", "tiny", "--lengths", "64", "--timed", "2",
+                          "--contenders", "hf", "hf-offload", "longseq", "--code", "test", "--call", "0",
+                          "--results", str(results), "--timeout", "240", "--budget", "600"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["bench"] == "peers"
     records = {r["contender"]: r for r in map(json.loads, results.read_text().splitlines())}
