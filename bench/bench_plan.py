@@ -158,8 +158,8 @@ def run_one(args, name: str, length: int, how) -> dict:
     if args.device == "cuda":
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, args.gpu_mem_gib * _GIB / torch.cuda.get_device_properties(0).total_memory))
+        cap = problem.machine.gpu_memory_gib * _GIB / torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap))
     record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps)
     return record
 
