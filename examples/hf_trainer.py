@@ -36,7 +36,8 @@ def parse(argv=None):
     parser.add_argument("--plain", action="store_true", help="the stock Trainer, without longseq")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each of 4 documents)")
-    parser.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate instead of DDP")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2 through accelerate instead of DDP (on GPUs: accelerate runs DDP on CPU)")
     parser.add_argument("--output-dir", default="runs/hf_trainer")
     parser.add_argument("--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps")
     parser.add_argument("--resume", default=None, help="resume from this checkpoint directory")
@@ -81,14 +82,13 @@ def training_arguments(cli, dp: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.steps, learning_rate=3e-3, lr_scheduler_type="constant",
         per_device_train_batch_size=DOCUMENTS_PER_STEP // dp, gradient_accumulation_steps=cli.grad_accum,
-        per_device_eval_batch_size=2 // dp, logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
+        per_device_eval_batch_size=max(1, 2 // dp), logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(), **fsdp,
     )
 
 
-def main(argv=None) -> dict:
-    cli = parse(argv)
+def build_trainer(cli) -> tuple[Trainer, PrintLosses]:
     dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // (1 if cli.plain else cli.sp))
     printer = PrintLosses()
     trainer = Trainer(
@@ -99,6 +99,12 @@ def main(argv=None) -> dict:
     trainer.remove_callback(PrinterCallback)  # its log dicts would interleave with our lines
     if not cli.plain:
         prepare_trainer(trainer, sp=cli.sp)  # longseq
+    return trainer, printer
+
+
+def main(argv=None) -> dict:
+    cli = parse(argv)
+    trainer, printer = build_trainer(cli)
     trainer.train(resume_from_checkpoint=cli.resume)
     eval_loss = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
