@@ -1,4 +1,4 @@
-"""Tiled logits + cross-entropy (memory/loss.py) against F.cross_entropy on the full logits.
+"""Tiled logits + cross-entropy (memory/tiled_loss.py) against F.cross_entropy on the full logits.
 
     PYTHONPATH=src python -m pytest -q tests/test_loss.py
 """
@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longseq.config import MemoryConfig
-from longseq.memory import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
-from longseq.memory.loss import loss_tile_tokens
+from longseq.memory import MemoryConfig, lm_head_cross_entropy_sum, tiled_cross_entropy_sum
+from longseq.memory.tiled_loss import loss_tile_tokens
 from tests.models import assert_grads_equal, shifted_labels, tiny_model
 
 V, H = 97, 24
@@ -141,10 +140,10 @@ def test_tied_embeddings_on_hf_model(family):
 def test_gemma3_softcap_read_from_config():
     reference = tiny_model("gemma3", final_logit_softcapping=0.5)
     model = tiny_model("gemma3", final_logit_softcapping=0.5)
-    model._longseq_memory = MemoryConfig(tile_tokens=16)
     ids = torch.randint(0, 256, (1, 77), generator=torch.Generator().manual_seed(4))
     want = reference(ids, labels=ids).loss
-    total, count = lm_head_cross_entropy_sum(model, model.model(ids).last_hidden_state, shifted_labels(ids))
+    total, count = lm_head_cross_entropy_sum(model, model.model(ids).last_hidden_state, shifted_labels(ids),
+                                             MemoryConfig(tile_tokens=16))
     torch.testing.assert_close(total / count, want)
     want.backward()
     (total / count).backward()

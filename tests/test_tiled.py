@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longseq.config import MemoryConfig
-from longseq.memory import apply_tiled_mlp, apply_tiled_norms, tiled
-from longseq.memory.tiled import TiledFunction, mlp_tile_tokens
+from longseq.memory import MemoryConfig, apply_tiled_mlp, apply_tiled_norms, tiled
+from longseq.memory.tiled import TiledFunction, mlp_tile_tokens, norm_tile_tokens
 from tests.models import FAMILIES, assert_grads_equal, tiny_model
 
 
@@ -57,6 +56,10 @@ def test_tile_size_from_memory_target():
     assert mlp_tile_tokens(config, 128, 2, torch.float32) == 341
     assert mlp_tile_tokens(config, 128, 1, torch.bfloat16) == 1365
     assert mlp_tile_tokens(MemoryConfig(tile_tokens=7), 128, 4, torch.float32) == 7
+    # Norms: about three fp32 rows per token: 1 MiB / (1 × 64 × 3 × 4 bytes) = 1365 positions; halves with batch 2.
+    assert norm_tile_tokens(config, 64, 1) == 1365
+    assert norm_tile_tokens(config, 64, 2) == 682
+    assert norm_tile_tokens(MemoryConfig(tile_tokens=7), 64, 4) == 7
 
 
 def _count_tiled_calls(model):

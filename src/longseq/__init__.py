@@ -1,8 +1,8 @@
 """longseq: train Hugging Face causal LMs on very long sequences, exactly."""
 
-from longseq.config import MemoryConfig
 from longseq.data.shard import gather_sequence, shard_batch, shard_loader
 from longseq.loss import causal_lm_loss
+from longseq.memory.config import MemoryConfig
 from longseq.mesh import Mesh, init_mesh
 from longseq.models.apply import apply
 from longseq.parallel.gradients import sync_gradients

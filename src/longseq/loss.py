@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longseq.mesh import Mesh
-from longseq.data.shard import IGNORE_INDEX
+
+IGNORE_INDEX = -100
+"""The label of a token without a target (transformers' and PyTorch's convention); every loss skips it."""
 
 
 def global_mean(loss_sum: torch.Tensor, count: torch.Tensor, mesh: Mesh | None,

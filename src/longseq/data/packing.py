@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from longseq.data.readers import DataError, read_documents
-from longseq.data.shard import IGNORE_INDEX
+from longseq.loss import IGNORE_INDEX
 from longseq.data.tokenizer import encode_document, load_tokenizer
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
 from longseq.parallel.balance import natural_order, zigzag_order
-
-IGNORE_INDEX = -100
 
 
 def slices_per_row(mesh: Mesh) -> int:

@@ -45,10 +45,9 @@ import torch.distributed as dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import longseq
-from longseq.config import MemoryConfig
+from longseq import Mesh, MemoryConfig
 from longseq.integrations.hf_data import EvalBatches, check_same_batch, model_batch, reshard_dataloader
-from longseq.mesh import Mesh
-from longseq.models.apply import find_causal_lm
+from longseq.models.anatomy import find_causal_lm
 
 logger = logging.getLogger("longseq")
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
 
 import longseq
-from longseq.data.shard import IGNORE_INDEX
-from longseq.mesh import Mesh
+from longseq import Mesh
+from longseq.loss import IGNORE_INDEX
 
 # What padding-free collators (DataCollatorWithFlattening, TRL's padding_free) add for varlen kernels. They describe
 # the whole row, not a rank's slice; longseq reads documents from position_ids instead.

@@ -1,4 +1,13 @@
-"""Single-GPU memory features, each exact and composable: tiled MLP, tiled loss, checkpoint offload, allocator.
+"""Single-GPU memory features, each exact and composable.
+
+    config.py              MemoryConfig: which features, tile sizes, host budget
+    tiled.py               Note [Tiled compute]: the MLP and RMSNorms of each decoder layer over sequence tiles
+    tiled_loss.py          Note [Tiled loss]: lm_head + cross-entropy over token tiles
+    checkpoint_offload.py  Note [Checkpoint offload]: every decoder layer checkpointed, its input in host memory
+    attention_cache.py     Note [Attention output cache]: attention outputs kept from forward for the recompute
+    host_budget.py         Note [Host budget]: how much host memory the offloader may fill
+    host_copy.py           a tensor's host copy and its way back (used by the two above it)
+    allocator.py           Note [Expandable segments]
 
 Order: apply_memory wraps the `forward` of each decoder layer and MLP instance, whatever it is at that moment (the
 class's, or one an earlier wrapper installed). Apply it after the attention is set up (sequence-parallel
@@ -11,15 +20,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from longseq.config import MemoryConfig
 from longseq.memory.allocator import configure_allocator
-from longseq.memory.loss import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
-from longseq.memory.offload import OffloadStats, apply_checkpoint_offload, offload_stats, reserve_host_memory
+from longseq.memory.checkpoint_offload import apply_checkpoint_offload, offload_stats
+from longseq.memory.config import MemoryConfig
+from longseq.memory.host_budget import reserve_host_memory
+from longseq.memory.host_copy import OffloadStats
 from longseq.memory.tiled import apply_tiled_mlp, apply_tiled_norms, tiled
+from longseq.memory.tiled_loss import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
 
 
 def apply_memory(model: nn.Module, config: MemoryConfig) -> nn.Module:
-    """Apply the features `config` switches on; the tiled loss is read from `model._longseq_memory` by the loss."""
+    """Apply the features `config` switches on. The tiled loss is not a wrapper: the loss takes `config` as an
+    argument (lm_head_cross_entropy_sum; longseq.apply's loss passes it)."""
     if config.expandable_segments:
         configure_allocator()
     if config.tiled_mlp:
@@ -28,11 +40,11 @@ def apply_memory(model: nn.Module, config: MemoryConfig) -> nn.Module:
         apply_tiled_norms(model, config)
     if config.offload_checkpoints:
         apply_checkpoint_offload(model, config)
-    model._longseq_memory = config
     return model
 
 
 __all__ = [
+    "MemoryConfig",
     "OffloadStats",
     "apply_checkpoint_offload",
     "apply_memory",

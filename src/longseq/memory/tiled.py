@@ -1,4 +1,4 @@
-"""Sequence-tiled compute for per-token modules (the MLP of every decoder layer).
+"""Sequence-tiled compute for per-token modules: the MLP and the RMSNorms of every decoder layer.
 
 Note [Tiled compute]
 ~~~~~~~~~~~~~~~~~~~~
@@ -28,9 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from longseq.config import MemoryConfig
-
-_MIB = 1 << 20
+from longseq.memory.config import MIB, MemoryConfig
+from longseq.models.anatomy import decoder_mlps, decoder_norms
 
 
 def _tiles(length: int, tile: int):
@@ -91,24 +90,6 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *params: 
     return TiledFunction.apply(fn, tile_tokens, x, *params)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of an HF causal LM, through a PEFT wrapper if any."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-        return list(layers)
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not found:
-        raise ValueError(
-            f"Found no decoder layers in {type(model).__name__}: expected `model.get_decoder().layers` or "
-            "transformers GradientCheckpointingLayer modules. Switch the MemoryConfig features off for this model."
-        )
-    return found
-
-
 def _intermediate_size(mlp: nn.Module) -> int:
     size = getattr(mlp, "intermediate_size", None)
     if isinstance(size, int):
@@ -125,13 +106,26 @@ def mlp_tile_tokens(config: MemoryConfig, intermediate_size: int, batch: int, dt
     if config.tile_tokens is not None:
         return config.tile_tokens
     per_position = batch * intermediate_size * 3 * torch.empty((), dtype=dtype).element_size()
-    return max(1, config.tile_memory_mib * _MIB // per_position)
+    return max(1, config.tile_memory_mib * MIB // per_position)
+
+
+def norm_tile_tokens(config: MemoryConfig, hidden_size: int, batch: int) -> int:
+    """Positions per tile: config.tile_tokens, else the largest tile whose intermediates fit tile_memory_mib.
+
+    An RMSNorm keeps fp32 copies of its input for backward (16 bytes per hidden unit and token in Llama's); recomputed
+    per tile, only the input itself is kept. A tile of `batch × t` tokens holds about three fp32 (batch·t × hidden)
+    tensors at once.
+    """
+    if config.tile_tokens is not None:
+        return config.tile_tokens
+    per_position = batch * hidden_size * 3 * 4
+    return max(1, config.tile_memory_mib * MIB // per_position)
 
 
 def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plain = self._longseq_inner_forward
     batch = x[..., 0, 0].numel()
-    tile = mlp_tile_tokens(self._longseq_memory, self._longseq_intermediate, batch, x.dtype)
+    tile = mlp_tile_tokens(self._longseq_tile_config, self._longseq_intermediate, batch, x.dtype)
     if x.shape[-2] <= tile:
         return plain(x)
     params = [p for p in self.parameters() if p.requires_grad]
@@ -140,10 +134,7 @@ def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _tiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plain = self._longseq_inner_forward
-    config = self._longseq_memory
-    # An RMSNorm keeps fp32 copies of its input for backward (16 bytes per hidden unit and token in Llama's);
-    # recomputed per tile, only the bf16 input is kept. Tiles of ~3 fp32 rows per token within the memory target.
-    tile = config.tile_tokens or max(1, config.tile_memory_mib * _MIB // (x[..., 0, 0].numel() * x.shape[-1] * 12))
+    tile = norm_tile_tokens(self._longseq_tile_config, x.shape[-1], x[..., 0, 0].numel())
     params = [p for p in self.parameters() if p.requires_grad]
     return TiledFunction.apply(plain, tile, x, *params) if torch.is_grad_enabled() else plain(x)
 
@@ -153,15 +144,11 @@ def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
 
     Only norms over the hidden dimension are wrapped (per-head q/k norms work on (B, H, S, D) and stay as they are).
     """
-    layers = decoder_layers(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    final = getattr(base.get_decoder(), "norm", None) if hasattr(base, "get_decoder") else None
-    norms = [m for layer in layers for m in layer.children() if type(m).__name__.endswith("RMSNorm")]
-    norms += [final] if final is not None and type(final).__name__.endswith("RMSNorm") else []
-    if any(hasattr(norm, "_longseq_memory") for norm in norms):
+    norms = decoder_norms(model)
+    if any(hasattr(norm, "_longseq_tile_config") for norm in norms):
         raise ValueError("apply_tiled_norms was already applied to this model; apply it once.")
     for norm in norms:
-        norm._longseq_memory = config
+        norm._longseq_tile_config = config
         norm._longseq_inner_forward = norm.forward
         norm.forward = types.MethodType(_tiled_norm_forward, norm)
     return model
@@ -169,16 +156,16 @@ def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
 
 def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
     """Run every decoder layer's MLP over sequence tiles (Note [Tiled compute]); returns the model."""
-    mlps = [layer.mlp for layer in decoder_layers(model) if type(getattr(layer, "mlp", None)).__name__.endswith("MLP")]
+    mlps = decoder_mlps(model)
     if not mlps:
         raise ValueError(
             f"MemoryConfig.tiled_mlp=True, but no decoder layer of {type(model).__name__} has an `mlp` whose class "
             "name ends in 'MLP' (mixture-of-experts blocks are not tiled). Set tiled_mlp=False for this model."
         )
-    if any(hasattr(mlp, "_longseq_memory") for mlp in mlps):
+    if any(hasattr(mlp, "_longseq_tile_config") for mlp in mlps):
         raise ValueError("apply_tiled_mlp was already applied to this model; apply it once.")
     for mlp in mlps:
-        mlp._longseq_memory = config
+        mlp._longseq_tile_config = config
         mlp._longseq_intermediate = _intermediate_size(mlp)
         mlp._longseq_inner_forward = mlp.forward  # the class's, or whatever an earlier wrapper installed
         mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)

@@ -8,40 +8,16 @@ from __future__ import annotations
 
 import functools
 import types
-from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from longseq.config import MemoryConfig
 from longseq.loss import cross_entropy_sum, global_mean
-from longseq.memory import apply_memory, lm_head_cross_entropy_sum
+from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
+from longseq.models.anatomy import find_causal_lm
 from longseq.parallel.attention import register_attention
-
-
-@dataclass
-class _State:
-    mesh: Mesh
-    memory: MemoryConfig | None
-    attention: str | None
-
-
-def find_causal_lm(model) -> PreTrainedModel:
-    """The transformers CausalLM inside `model` (the model itself, or the one a PEFT wrapper holds)."""
-    candidate = model
-    for _ in range(4):
-        if isinstance(candidate, PreTrainedModel) and hasattr(candidate, "get_decoder"):
-            return candidate
-        base = getattr(candidate, "get_base_model", None)
-        candidate = base() if callable(base) else getattr(candidate, "model", None)
-        if candidate is None:
-            break
-    raise TypeError(
-        f"longseq.apply needs a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)) or a PEFT "
-        f"model wrapping one; got {type(model).__name__}."
-    )
+from longseq.state import LongseqState, attach_state
 
 
 def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None):
@@ -55,10 +31,10 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     and `model(**sharded_batch)` gives this rank's slice of the logits.
     """
     causal = find_causal_lm(model)
-    if hasattr(causal, "_longseq"):
+    state = attach_state(causal)
+    if state.mesh is not None:
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
-    registered = None
     if mesh.sp > 1 or _caches_attention(memory, attention or causal.config._attn_implementation):
         config = causal.config
         heads = config.num_attention_heads
@@ -68,14 +44,14 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
                 f"attn_logit_softcapping={config.attn_logit_softcapping} cannot run on longseq's SDPA kernels; set "
                 "config.attn_logit_softcapping = None before longseq.apply."
             )
-        registered = register_attention(causal, mesh, attention or config._attn_implementation, heads, kv_heads)
-        causal.set_attn_implementation(registered)
+        implementation = attention or config._attn_implementation
+        causal.set_attn_implementation(register_attention(state, mesh, implementation, heads, kv_heads))
         causal.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
         if mesh.sp > 1:
             causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     if memory is not None:
         apply_memory(causal, memory)
-    causal._longseq = _State(mesh=mesh, memory=memory, attention=registered)
+    state.mesh, state.memory = mesh, memory
     forward = _make_forward(causal.forward)
     # The class's signature, so that what inspects it (Trainer's column filter, generate's kwargs check) sees the model's.
     functools.update_wrapper(forward, type(causal).forward)
@@ -113,7 +89,7 @@ def _make_forward(original):
         """With shift_labels: only the loss (Note [Exact global loss]); otherwise the model's own forward."""
         if shift_labels is None:
             return original(*args, **kwargs)
-        state: _State = self._longseq
+        state: LongseqState = self._longseq
         hidden = self.get_decoder()(*args, **kwargs)[0]
         loss_sum, count = _loss_sum(self, hidden, shift_labels, state.memory)
         return CausalLMOutputWithPast(loss=global_mean(loss_sum, count, state.mesh, longseq_num_tokens))
@@ -125,5 +101,5 @@ def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: Memory
     """Runs inside the CausalLM's forward, so under FSDP2 the lm_head weight is unsharded here."""
     head = causal.get_output_embeddings()
     if memory is not None and memory.tiled_loss and type(head) is torch.nn.Linear:
-        return lm_head_cross_entropy_sum(causal, hidden, labels)
+        return lm_head_cross_entropy_sum(causal, hidden, labels, memory)
     return cross_entropy_sum(hidden, head, labels, getattr(causal.config, "final_logit_softcapping", None))

@@ -2,10 +2,18 @@
 
 The model keeps calling `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`; longseq registers one function per
 applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the whole sequence's attention on H/U heads
-(a local SDPA kernel, the model's own flash or FlexAttention kernel, or ring attention across the ring group on SDPA
-or FlexAttention block kernels) → all-to-all back. FlexAttention gets a BlockMask of causal, same-document (and sliding-window) blocks.
-The name is not in transformers' mask registry, so transformers builds no attention mask at all: documents are read
-from position_ids instead (parallel/documents.py), once per forward pass.
+→ all-to-all back. The name is not in transformers' mask registry, so transformers builds no attention mask at all:
+documents are read from position_ids instead (parallel/documents.py), once per forward pass.
+
+Dispatch, on the gathered sequence (in this order):
+1. longseq's block kernels (kernels.py, through ring.ring_attention over the ring group): when ring > 1 (on SDPA or
+   FlexAttention), and with SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half
+   precision on CUDA). With ring = 1 there is no ring at all: one causal block per document, no exchange. They
+   return the log-sum-exp, so the layer's output can be kept for backward: the attention function passes the
+   model's current attention cache (LongseqState.attention_cache) to them (Note [Attention output cache]).
+2. flex_attention: the model's FlexAttention with a BlockMask of causal, same-document (and sliding-window) blocks.
+3. sdpa (sliding windows, dropout, fp32 on CUDA): local.causal_attention, one SDPA call per document.
+4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document.
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from longseq.mesh import Mesh
 from longseq.parallel import kernels
 from longseq.parallel.balance import natural_order
-from longseq.parallel.documents import document_boundaries
+from longseq.parallel.documents import document_boundaries, is_single_document
 from longseq.parallel.local import causal_attention
+from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
+from longseq.state import LongseqState
 
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-# The ring's block kernels (kernels.py) for each attn_implementation that ring attention runs on.
-RING_KERNELS = {"sdpa": "sdpa", "flex_attention": "flex"}
+# longseq's block kernels (kernels.py) for each attn_implementation they serve (ring attention runs only on these).
+BLOCK_KERNELS = {"sdpa": "sdpa", "flex_attention": "flex"}
 _names = itertools.count()
 
 
@@ -42,7 +52,7 @@ def check_implementation(implementation: str, ring: int) -> None:
         raise ValueError(
             f"attn_implementation={implementation!r} is not supported by longseq; use one of {SUPPORTED}."
         )
-    if ring > 1 and implementation not in RING_KERNELS:
+    if ring > 1 and implementation not in BLOCK_KERNELS:
         raise ValueError(
             f"Ring attention runs on PyTorch's SDPA or FlexAttention kernels; load the model with "
             f"attn_implementation='sdpa' (or 'flex_attention') instead of {implementation!r}, or use pure Ulysses "
@@ -50,7 +60,7 @@ def check_implementation(implementation: str, ring: int) -> None:
         )
 
 
-class _Documents:
+class Documents:
     """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer."""
 
     def __init__(self, mesh: Mesh):
@@ -99,31 +109,27 @@ class _Documents:
         return natural_order(permuted, mesh.ring)
 
 
-class _ModelAttention:
-    """What a model's attention function needs; kept on the model (see register_attention)."""
-
-    def __init__(self, mesh: Mesh):
-        self.mesh, self.documents = mesh, _Documents(mesh)
-
-
-def register_attention(owner, mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:
-    """Register a sequence-parallel attention function for the model `owner` and return its name.
+def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num_heads: int, num_kv_heads: int) -> str:
+    """Register a sequence-parallel attention function over `mesh` for the model that keeps `state`, record its name
+    and its document cache (which holds the mesh) in `state`, and return the name.
 
     transformers' registry is global and lives until the interpreter exits, so the function reaches the mesh only
-    through a weak reference to state kept on `owner`: the process groups go with the model. (Process groups alive at
-    interpreter exit can abort it: gloo's worker threads may still hold work whose tensors need the interpreter.)
+    through a weak reference to the state kept on the model: the process groups go with the model. (Process groups
+    alive at interpreter exit can abort it: gloo's worker threads may still hold work whose tensors need the
+    interpreter.)
     """
     check_implementation(implementation, mesh.ring)
     replicate = kv_replication(num_heads, num_kv_heads, mesh.ulysses)
-    owner._longseq_attention = _ModelAttention(mesh)
-    state = weakref.ref(owner._longseq_attention)
+    state.documents = Documents(mesh)
+    state_ref = weakref.ref(state)
     inner = ALL_ATTENTION_FUNCTIONS[implementation]
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        held = state()
+        held = state_ref()
         if held is None:
             raise RuntimeError("longseq: this attention function belongs to a model that no longer exists.")
-        mesh, documents = held.mesh, held.documents
+        documents = held.documents
+        mesh = documents.mesh
         if kwargs.get("softcap") is not None:
             raise ValueError("longseq's SDPA-based attention does not support attention logit softcapping "
                              "(attn_logit_softcapping); set it to None in the config.")
@@ -138,8 +144,9 @@ def register_attention(owner, mesh: Mesh, implementation: str, num_heads: int, n
         boundaries = documents(kwargs.get("position_ids"))
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
-        if mesh.ring > 1 or (implementation == "sdpa" and _fits_ring_kernels(q, window, dropout)):
-            out = _ring(mesh, q, k, v, scale, boundaries, window, dropout, RING_KERNELS[implementation])
+        if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
+            out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
+                                   held.attention_cache)
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -154,20 +161,20 @@ def register_attention(owner, mesh: Mesh, implementation: str, num_heads: int, n
 
     name = f"longseq_sp_{next(_names)}"
     AttentionInterface.register(name, attention)
+    state.attention = name
     return name
 
 
-def _fits_ring_kernels(q: torch.Tensor, window: int | None, dropout: float) -> bool:
-    """Whether the ring's block kernels (which also run R = 1) can compute this layer: no window, no dropout, and on
-    CUDA half precision. They return the log-sum-exp, so the layer's output can be kept for backward
-    (Note [Attention output cache])."""
+def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> bool:
+    """Whether longseq's block kernels can compute this layer: no window, no dropout, and on CUDA half precision.
+    They return the log-sum-exp, so the layer's output can be kept for backward (Note [Attention output cache])."""
     half = not q.is_cuda or q.dtype in kernels.CUDA_DTYPES
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
-def _ring(mesh, q, k, v, scale, boundaries, window, dropout, kernel):
-    from longseq.parallel.ring import ring_attention
-
+def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache):
+    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
+    layer's attention cache (None outside a checkpointed layer)."""
     if window is not None and window < q.shape[2] * mesh.ring:
         raise ValueError(
             f"Ring attention does not support sliding-window layers (window {window} < sequence length "
@@ -175,9 +182,8 @@ def _ring(mesh, q, k, v, scale, boundaries, window, dropout, kernel):
         )
     if dropout:
         raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
-    single = all(len(row) == 2 for row in boundaries)
-    out = ring_attention(mesh.ring_group, q, k, v, scale=scale, boundaries=None if single else boundaries,
-                         kernel=kernel)
+    out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
+                         boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache)
     return out.transpose(1, 2)
 
 

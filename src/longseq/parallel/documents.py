@@ -25,4 +25,5 @@ def document_boundaries(position_ids: torch.Tensor) -> list[list[int]]:
 
 
 def is_single_document(boundaries: list[list[int]]) -> bool:
+    """Whether every row of `boundaries` holds one document."""
     return all(len(row) == 2 for row in boundaries)

@@ -26,13 +26,14 @@ import functools
 
 import torch
 
-from longseq.parallel.local import expand_kv
+from longseq.parallel.local import expand_kv_to
 from longseq.parallel.merge import accumulation_dtype
 
 aten = torch.ops.aten
 
 # The memory-efficient SDPA op is left out: given an output and log-sum-exp its backward returned wrong gradients
-# (bench/check_gpu.py, H200, torch 2.11), and on Hopper it is ~3× slower than cuDNN anyway (shared/GPU.md).
+# (bench/check_gpu.py, H200, torch 2.11), and on Hopper it is far slower than cuDNN anyway (causal bf16 forward +
+# backward on an H200 with torch 2.11: ~145 TFLOP/s against cuDNN's ~575; measured 2026-11/12).
 CUDA_BACKENDS = ("cudnn", "flash")
 CUDA_DTYPES = (torch.bfloat16, torch.float16)  # what both take (cuDNN returned NaN for fp32 instead of refusing)
 _chosen: dict[tuple[str, torch.dtype], str] = {}
@@ -44,7 +45,7 @@ KERNELS = ("sdpa", "flex")
 def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     if kernel == "flex":
         return flex_forward(q, k, v, causal, scale)
-    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
+    k, v = expand_kv_to(q, k, v)
     if q.is_cuda:
         return _cuda("forward", q.dtype, q, k, v, causal, scale)
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -56,7 +57,7 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kerne
     if kernel == "flex":
         return [g.to(acc) for g in recompute_backward(flex_forward, dout, q, k, v, out, lse, causal, scale)]
     kv_heads = k.shape[1]
-    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
+    k, v = expand_kv_to(q, k, v)
     # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
     args = [t.contiguous() for t in (dout, q, k, v, out, lse)]
     if q.is_cuda:
@@ -67,7 +68,7 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kerne
 
 
 def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv); torch sums half precision in
+    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv_to); torch sums half precision in
     fp32 internally, so only the result is rounded to `dtype`."""
     b, heads, length, dim = grad.shape
     if heads == kv_heads:

@@ -4,7 +4,8 @@
 - Packed documents: one causal SDPA call per document (exact; memory stays O(document)).
 - Sliding window w (token i sees j when 0 <= i − j < w, transformers' convention): queries in blocks of w, each
   against the 2w−1 keys that can reach it, with a w × (2w−1) band mask.
-On CUDA the fastest SDPA backend is tried first (cuDNN ≈ 1.7× flash on Hopper, shared/GPU.md).
+On CUDA the fastest SDPA backend is tried first (causal bf16 forward + backward, 32 heads × 128 on an H200 with
+torch 2.11: cuDNN ~575 TFLOP/s, flash ~326, memory-efficient ~145; measured 2026-11/12).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from longseq.parallel.documents import is_single_document
 
 _CUDA_PRIORITY = None
 
@@ -35,6 +38,11 @@ def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def expand_kv_to(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with each KV head repeated for the query heads it serves (GQA), so that they have q's head count."""
+    return expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -46,11 +54,11 @@ def causal_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """q: (B, Hq, S, D), k/v: (B, Hkv, S, D) → (B, Hq, S, D); attention stays within documents."""
-    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
+    k, v = expand_kv_to(q, k, v)
     length = q.shape[2]
     window = sliding_window if sliding_window is not None and sliding_window < length else None
     with _sdpa_priority(q.device):
-        if boundaries is None or all(len(row) == 2 for row in boundaries):
+        if boundaries is None or is_single_document(boundaries):
             return _segment(q, k, v, scale, window, dropout)
         rows = []
         for b, row in enumerate(boundaries):

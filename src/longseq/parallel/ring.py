@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longseq.memory.offload import cached_attention
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
 
@@ -79,7 +78,7 @@ class _Run:
 
 
 def ring_attention(
-    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa"
+    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
@@ -89,6 +88,9 @@ def ring_attention(
     boundaries: per batch row, global document start offsets plus S at the end (documents.document_boundaries of the
         FULL sequence's position_ids); None = one causal document per row.
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
+    cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
+        computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
+        uses whatever pair it returns.
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
     ring_size = _ring_size(group)
@@ -97,15 +99,16 @@ def ring_attention(
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
     rank = 0 if group is None else dist.get_rank(group)
     plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel)
+    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan, kernel):
-        out, lse = cached_attention(
-            lambda: ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
-        )
+    def forward(ctx, group, q, k, v, scale, plan, kernel, cache):
+        def compute():
+            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
+
+        out, lse = compute() if cache is None else cache(compute)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
         return out
@@ -115,7 +118,7 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
                                             kernel=ctx.kernel)
-        return None, dq, dk, dv, None, None, None
+        return None, dq, dk, dv, None, None, None, None
 
 
 def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa"):

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from longseq.models.apply import find_causal_lm
+from longseq.models.anatomy import find_causal_lm
 
 
 class TrainState(Stateful):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from longseq.config import MemoryConfig
+from longseq.memory.config import MemoryConfig
 
 
 class ConfigError(ValueError):

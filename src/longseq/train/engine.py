@@ -16,7 +16,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 import longseq
 from longseq.mesh import Mesh
-from longseq.models.apply import find_causal_lm
+from longseq.models.anatomy import find_causal_lm
 from longseq.train.config import ConfigError, ModelSection, OptimSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -23,10 +23,11 @@ import yaml
 import longseq
 from longseq.data.packing import PackedRows, build_dataset
 from longseq.data.readers import DataError
-from longseq.data.shard import IGNORE_INDEX, slices_per_row
+from longseq.data.shard import slices_per_row
 from longseq.data.tokenizer import load_tokenizer
+from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
-from longseq.models.apply import find_causal_lm
+from longseq.models.anatomy import find_causal_lm
 from longseq.train import checkpoint
 from longseq.train.config import ConfigError, TrainConfig, to_dict
 from longseq.train.engine import build_engine, clip_gradients, model_config

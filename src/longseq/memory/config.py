@@ -1,8 +1,10 @@
-"""Every knob of the library, as documented and validated dataclasses."""
+"""MemoryConfig: the single-GPU memory features and their knobs, documented per field and validated."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MIB = 1 << 20  # tile_memory_mib's unit
 
 
 @dataclass(kw_only=True)
@@ -34,7 +36,7 @@ class MemoryConfig:
     """Host memory this process may fill with offloaded checkpoints and kept attention outputs; beyond it, attention
     is recomputed and then checkpoints stay on the GPU. None: this process's share of the host (90% of it over the
     processes on the host), less what the process holds at its first forward and what the trainer reserves for its
-    CPU-offloaded gradients and optimizer state (Note [Host budget] in memory/offload.py)."""
+    CPU-offloaded gradients and optimizer state (Note [Host budget] in memory/host_budget.py)."""
 
     def __post_init__(self) -> None:
         if self.tile_memory_mib < 1:

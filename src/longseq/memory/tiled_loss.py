@@ -30,13 +30,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_MIB = 1 << 20
+from longseq.loss import IGNORE_INDEX
+from longseq.memory.config import MIB, MemoryConfig
 _VOCAB_CHUNK = 8192
 
 
 def loss_tile_tokens(vocab_size: int, tile_memory_mib: int) -> int:
     """Tokens per tile so that a tile's fp32 logits and their gradient (tile × V × 4 bytes × 2) fit the target."""
-    return max(1, tile_memory_mib * _MIB // (vocab_size * 4 * 2))
+    return max(1, tile_memory_mib * MIB // (vocab_size * 4 * 2))
 
 
 def _tile_loss(h, weight, bias, labels, softcap, ignore_index, want_grad):
@@ -115,7 +116,7 @@ def tiled_cross_entropy_sum(
     *,
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     tile_tokens: int | None = None,
     tile_memory_mib: int = 256,
     fp32_weight_grad: bool = True,
@@ -144,14 +145,10 @@ def tiled_cross_entropy_sum(
     return loss_sum, (flat_labels != ignore_index).sum()
 
 
-def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100):
-    """tiled_cross_entropy_sum with the lm_head, softcap and tile settings of an HF causal LM.
-
-    `hidden` is the decoder's output after the final norm; tile settings come from `model._longseq_memory`
-    (set by apply_memory), else MemoryConfig's defaults.
-    """
-    from longseq.config import MemoryConfig
-
+def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None = None,
+                              *, ignore_index: int = IGNORE_INDEX):
+    """tiled_cross_entropy_sum with the lm_head and softcap of an HF causal LM and the tile settings of `memory`
+    (MemoryConfig's defaults when None). `hidden` is the decoder's output after the final norm."""
     text_config = model.config.get_text_config()
     for name in ("logit_scale", "logits_scaling"):
         if getattr(text_config, name, None) not in (None, 1, 1.0):
@@ -160,7 +157,7 @@ def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
                 "Set MemoryConfig.tiled_loss=False for this model."
             )
     head = model.get_output_embeddings()
-    memory = getattr(model, "_longseq_memory", None) or MemoryConfig()
+    memory = memory or MemoryConfig()
     return tiled_cross_entropy_sum(
         hidden, head.weight, labels, bias=head.bias, softcap=getattr(text_config, "final_logit_softcapping", None),
         ignore_index=ignore_index, tile_tokens=memory.tile_tokens, tile_memory_mib=memory.tile_memory_mib,

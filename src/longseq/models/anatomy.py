@@ -1,0 +1,65 @@
+"""Where the parts longseq works on sit in a transformers causal LM: the CausalLM itself (through a PEFT wrapper),
+its decoder layers, their MLPs and their token-wise norms. The one place that knows the layout of HF decoders.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def find_causal_lm(model) -> PreTrainedModel:
+    """The transformers CausalLM inside `model` (the model itself, or the one a PEFT wrapper holds)."""
+    candidate = model
+    for _ in range(4):
+        if isinstance(candidate, PreTrainedModel) and hasattr(candidate, "get_decoder"):
+            return candidate
+        base = getattr(candidate, "get_base_model", None)
+        candidate = base() if callable(base) else getattr(candidate, "model", None)
+        if candidate is None:
+            break
+    raise TypeError(
+        f"longseq.apply needs a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)) or a PEFT "
+        f"model wrapping one; got {type(model).__name__}."
+    )
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder (the model without its head), through a PEFT wrapper if any; None if it has no get_decoder."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else None
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of an HF causal LM, through a PEFT wrapper if any: `get_decoder().layers`, or else every
+    transformers GradientCheckpointingLayer in the model."""
+    layers = getattr(_decoder(model), "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return list(layers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not found:
+        raise ValueError(
+            f"Found no decoder layers in {type(model).__name__}: expected `model.get_decoder().layers` or "
+            "transformers GradientCheckpointingLayer modules. Switch the MemoryConfig features off for this model."
+        )
+    return found
+
+
+def decoder_mlps(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's dense MLP: its `mlp` child when the class name ends in 'MLP' (mixture-of-experts blocks
+    are left out)."""
+    return [layer.mlp for layer in decoder_layers(model) if type(getattr(layer, "mlp", None)).__name__.endswith("MLP")]
+
+
+def _is_rms_norm(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__name__.endswith("RMSNorm")
+
+
+def decoder_norms(model: nn.Module) -> list[nn.Module]:
+    """The RMSNorms over the hidden dimension: those directly in each decoder layer, then the decoder's final norm.
+    (Per-head q/k norms sit inside the attention module and work on (B, H, S, D): not these.)"""
+    norms = [m for layer in decoder_layers(model) for m in layer.children() if _is_rms_norm(m)]
+    final = getattr(_decoder(model), "norm", None)
+    return norms + ([final] if _is_rms_norm(final) else [])

@@ -1,0 +1,54 @@
+"""The one object longseq keeps on a model: `LongseqState`, stored as the model's attribute `_longseq`.
+
+longseq.apply attaches it to the CausalLM; apply_checkpoint_offload attaches one to the model it is given if there
+is none yet. Every part of longseq that leaves something on a model fills its own field here, and reads the others'
+from here, never through attributes of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from longseq.memory.checkpoint_offload import CheckpointOffloader
+    from longseq.memory.config import MemoryConfig
+    from longseq.mesh import Mesh
+    from longseq.parallel.attention import Documents
+
+_ATTRIBUTE = "_longseq"
+
+
+@dataclass(kw_only=True, eq=False)
+class LongseqState:
+    """What longseq keeps on a model."""
+
+    mesh: Mesh | None = None
+    """The mesh longseq.apply was given; None where only memory features were applied (apply_memory)."""
+    memory: MemoryConfig | None = None
+    """The memory features longseq.apply switched on; its loss passes them to the tiled loss."""
+    attention: str | None = None
+    """The name of the attention function registered for this model (parallel/attention.py); None: the model's
+    own attention runs."""
+    documents: Documents | None = None
+    """The registered attention function's document boundaries, gathered once per forward pass."""
+    offloader: CheckpointOffloader | None = None
+    """The checkpoint offloader; None without offload_checkpoints."""
+    attention_cache: Callable | None = None
+    """While a checkpointed layer runs: its compute-or-replay function for attention outputs, set by the checkpoint
+    wrapper and passed on by the attention function (Note [Attention output cache]); None otherwise."""
+
+
+def longseq_state(model) -> LongseqState | None:
+    """The state longseq keeps on `model` (read through a PEFT wrapper's attribute forwarding), or None."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def attach_state(model) -> LongseqState:
+    """`model`'s state, attached first if it has none."""
+    state = longseq_state(model)
+    if state is None:
+        state = LongseqState()
+        setattr(model, _ATTRIBUTE, state)
+    return state
