@@ -36,6 +36,7 @@ def parse(argv=None):
     parser.add_argument("--plain", action="store_true", help="the stock Trainer, without longseq")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each of 4 documents)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="TrainingArguments.label_smoothing_factor")
     parser.add_argument("--fsdp", action="store_true",
                         help="FSDP2 through accelerate instead of DDP (on GPUs: accelerate runs DDP on CPU)")
     parser.add_argument("--output-dir", default="runs/hf_trainer")
@@ -82,7 +83,7 @@ def training_arguments(cli, dp: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.steps, learning_rate=3e-3, lr_scheduler_type="constant",
         per_device_train_batch_size=DOCUMENTS_PER_STEP // dp, gradient_accumulation_steps=cli.grad_accum,
-        per_device_eval_batch_size=max(1, 2 // dp), logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
+        per_device_eval_batch_size=max(1, 2 // dp), label_smoothing_factor=cli.label_smoothing, logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(), **fsdp,
     )

@@ -58,11 +58,14 @@ def _hf_trainer(tmp):
     runs = run_example("hf_trainer", tmp, {
         "sp2": ["--sp", "2"], "sp1": ["--sp", "1"], "plain": ["--plain"],
         "sp2_accum": ["--sp", "2", "--grad-accum", "2"], "plain_accum": ["--plain", "--grad-accum", "2"],
+        "sp2_smooth": ["--sp", "2", "--label-smoothing", "0.1"], "plain_smooth": ["--plain", "--label-smoothing", "0.1"],
     })
     assert_same_losses(runs["sp2"], runs["plain"])
     assert_same_losses(runs["sp1"], runs["plain"])
     assert_same_losses(runs["sp2_accum"], runs["plain_accum"])
     assert runs["sp2_accum"]["losses"] != runs["sp2"]["losses"]  # accumulation really took other documents
+    assert_same_losses(runs["sp2_smooth"], runs["plain_smooth"])  # Trainer's LabelSmoother, computed tiled
+    assert runs["sp2_smooth"]["losses"] != runs["sp2"]["losses"]
     assert abs(runs["sp2"]["eval_loss"] - runs["sp1"]["eval_loss"]) < 1e-5
     documents = example("hf_trainer").byte_documents(7, seed=2)
     expected = token_mean_eval_loss(runs["sp2"]["trainer"].model, documents)
@@ -70,8 +73,8 @@ def _hf_trainer(tmp):
 
 
 def test_hf_trainer_sp2_matches_sp1_and_stock_trainer(tmp_path):
-    """Per-step losses of sp=2, sp=1 and the stock Trainer agree (with and without gradient accumulation), and the eval
-    loss is the token mean over the eval set, as an unsharded model computes it."""
+    """Per-step losses of sp=2, sp=1 and the stock Trainer agree (with and without gradient accumulation, with label
+    smoothing), and the eval loss is the token mean over the eval set, as an unsharded model computes it."""
     run_distributed(_hf_trainer, 2, str(tmp_path))
 
 
@@ -296,3 +299,26 @@ def test_activation_checkpointing_is_handed_to_longseq(tmp_path, caplog):
     assert "activation checkpointing switched off" in caplog.text
     assert not args.gradient_checkpointing and not any(getattr(m, "gradient_checkpointing", False)
                                                        for m in model.modules())
+
+
+def test_loss_weights_and_z_loss_reach_the_loss(tmp_path):
+    """A batch's loss_weights (one per label) and prepare_trainer's z_loss give Note [Loss options]'s mean."""
+    import torch.nn.functional as F
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    from longseq.integrations.hf import prepare_trainer
+
+    module = example("hf_trainer")
+    plain = module.tiny_llama()
+    trainer = Trainer(model=module.tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                                                        use_cpu=True))
+    prepare_trainer(trainer, z_loss=1e-2)
+    batch = DataCollatorWithFlattening()(module.byte_documents(3, seed=4))
+    batch["loss_weights"] = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0))
+    got = trainer.compute_loss(trainer.model, batch)
+    # use_cache=False: with a cache, transformers would not read document boundaries from position_ids.
+    logits = plain(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, :-1]
+    targets, weights = batch["labels"][0, 1:], batch["loss_weights"][0, 1:]
+    per_token = F.cross_entropy(logits, targets, reduction="none") + 1e-2 * logits.logsumexp(-1).square()
+    valid = targets != -100
+    torch.testing.assert_close(got, (per_token * weights)[valid].sum() / valid.sum())

@@ -53,7 +53,7 @@ logger = logging.getLogger("longseq")
 
 
 def prepare_trainer(trainer, *, sp: int | None = None, ring: int | None = None,
-                    memory: MemoryConfig | bool = True, attention: str | None = None):
+                    memory: MemoryConfig | bool = True, attention: str | None = None, z_loss: float = 0.0):
     """Run `trainer` (a transformers Trainer, TRL SFTTrainer or subclass, built but not trained) sequence-parallel
     with longseq's memory features; returns the same trainer. See Note [Trainer under sequence parallelism].
 
@@ -61,6 +61,8 @@ def prepare_trainer(trainer, *, sp: int | None = None, ring: int | None = None,
     ring: ring degree inside sp (default: Ulysses as wide as the heads allow, ring for the rest; see init_mesh).
     memory: True for every memory feature (MemoryConfig()), False for none, or a MemoryConfig.
     attention: the kernel run on the gathered sequence (default: the model's attn_implementation).
+    z_loss: weight of the z-loss added to each token's loss (Note [Loss options]); TrainingArguments'
+        label_smoothing_factor is honoured too, and a batch's `loss_weights` (one per label) weight its tokens.
     """
     if isinstance(trainer, _LongSeqTrainer):
         raise RuntimeError("prepare_trainer was already called on this trainer; call it once.")
@@ -71,7 +73,8 @@ def prepare_trainer(trainer, *, sp: int | None = None, ring: int | None = None,
         raise ValueError("train_sampling_strategy='batch_rebalance' hands each process its own batches, so the sp "
                          "ranks of a group would not share one; use 'random', 'sequential' or 'group_by_length'.")
     hand_checkpointing_to_longseq(trainer, memory)
-    longseq.apply(trainer.model, mesh, memory, attention=attention)
+    loss = longseq.LossConfig(label_smoothing=trainer.args.label_smoothing_factor, z_loss=z_loss)
+    longseq.apply(trainer.model, mesh, memory, attention=attention, loss=loss)
     trainer.__class__ = _trainer_class(type(trainer))
     trainer._longseq = _TrainerState(mesh=mesh)
     # The loss is normalised by num_items_in_batch, so the Trainer must not divide it by the accumulation steps.
@@ -164,8 +167,6 @@ def refuse_unsupported(trainer, memory: MemoryConfig | None) -> None:
         "compute_metrics": (trainer.compute_metrics is not None or trainer.preprocess_logits_for_metrics is not None,
                             "metrics from logits need the full logits, which longseq never builds; evaluation "
                             "reports the exact eval_loss; remove compute_metrics/preprocess_logits_for_metrics"),
-        "label_smoothing_factor": (args.label_smoothing_factor != 0,
-                                   "label smoothing is not supported yet; set label_smoothing_factor=0"),
         "deepspeed": (trainer.is_deepspeed_enabled, "use FSDP2 (accelerate's FSDP plugin, fsdp_version=2) or DDP"),
         "n_gpu": (args.n_gpu > 1, "torch.nn.DataParallel is not supported; launch one process per GPU with torchrun"),
         "use_liger_kernel": (getattr(args, "use_liger_kernel", False),

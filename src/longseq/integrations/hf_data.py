@@ -104,7 +104,20 @@ def model_batch(inputs: dict, mesh: Mesh) -> dict:
         raise ValueError(
             f"attention_mask has shape {tuple(mask.shape)}; longseq takes a (batch, sequence) padding mask or none. "
             "Pack documents with position_ids restarting per document instead of a custom 4-D mask.")
+    if "loss_weights" in batch:
+        batch["shift_loss_weights"] = shifted_weights(batch.pop("loss_weights"), batch["input_ids"])
     return longseq.shard_batch(batch, mesh)
+
+
+def shifted_weights(weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """A batch's `loss_weights` (one per label, as the labels are given) moved like the labels: weight t goes with the
+    target of token t − 1 (the last token has none)."""
+    if weights.shape != input_ids.shape:
+        raise ValueError(f"loss_weights has shape {tuple(weights.shape)}; it needs one weight per label, the shape of "
+                         f"input_ids {tuple(input_ids.shape)}.")
+    shifted = torch.zeros_like(weights, dtype=torch.float32)
+    shifted[:, :-1] = weights[:, 1:]
+    return shifted
 
 
 def check_same_batch(input_ids: torch.Tensor, mesh: Mesh) -> None:
