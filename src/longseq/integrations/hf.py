@@ -47,6 +47,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import longseq
 from longseq import Mesh, MemoryConfig
 from longseq.integrations.hf_data import EvalBatches, check_same_batch, model_batch, reshard_dataloader
+from longseq.loss import IGNORE_INDEX
 from longseq.models.anatomy import find_causal_lm
 
 logger = logging.getLogger("longseq")
@@ -114,24 +115,24 @@ class _LongSeqTrainer:
         mesh = self._longseq.mesh
         count = torch.zeros((), dtype=torch.long, device=device)
         for batch in batches:
-            count += (model_batch(batch, mesh)["shift_labels"] != -100).sum().to(device)
+            count += (model_batch(batch, mesh)["shift_labels"] != IGNORE_INDEX).sum().to(device)
         if mesh.world_size > 1:
             dist.all_reduce(count)
         return batches, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mesh = self._longseq.mesh
-        check_same_batch(inputs["input_ids"], mesh)
         batch = model_batch(inputs, mesh)
+        check_same_batch(inputs["input_ids"], mesh)
         tokens = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
         loss = longseq.causal_lm_loss(model, batch, mesh, num_tokens=tokens)
         return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         mesh = self._longseq.mesh
-        check_same_batch(inputs["input_ids"], mesh)
         batch = model_batch(inputs, mesh)
-        count = (batch["shift_labels"] != -100).sum()
+        check_same_batch(inputs["input_ids"], mesh)
+        count = (batch["shift_labels"] != IGNORE_INDEX).sum()
         if mesh.world_size > 1:
             dist.all_reduce(count)
         with torch.no_grad():
