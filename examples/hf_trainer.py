@@ -3,11 +3,12 @@
     torchrun --nproc-per-node 2 examples/hf_trainer.py --sp 2      # each packed row split over 2 ranks (GPUs or CPU)
     torchrun --nproc-per-node 2 examples/hf_trainer.py --sp 1      # data-parallel only: the same losses
     torchrun --nproc-per-node 2 examples/hf_trainer.py --plain     # stock Trainer, no longseq: the same losses again
-    accelerate launch --num-processes 2 examples/hf_trainer.py --sp 2
+    accelerate launch --multi_gpu --num-processes 2 examples/hf_trainer.py --sp 2   # --multi_gpu also on CPU
 
 A tiny random Llama reads this Python's standard-library sources as bytes; DataCollatorWithFlattening packs each
 batch's documents into one row with position_ids restarting per document. Prints `step N loss X` for each step and a
 final `eval_loss X`. Each optimizer step sees the same 4 documents whatever sp is (per-device batch = 4 // dp).
+On a machine without GPUs, `accelerate launch` needs --multi_gpu to start more than one process.
 """
 
 from __future__ import annotations

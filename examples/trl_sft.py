@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 examples/trl_sft.py --sp 2          # each packed row split over 2 ranks
     torchrun --nproc-per-node 2 examples/trl_sft.py --sp 1          # data-parallel only: the same losses
     torchrun --nproc-per-node 2 examples/trl_sft.py --sp 2 --lora   # LoRA adapters (PEFT)
-    accelerate launch --num-processes 2 examples/trl_sft.py --sp 2
+    accelerate launch --multi_gpu --num-processes 2 examples/trl_sft.py --sp 2
 
 A tiny random Llama and a byte-level tokenizer built in code (no download) learn short texts cut from this Python's
 standard library. TRL packs them (packing=True: best-fit decreasing, padding-free rows whose position_ids restart per
