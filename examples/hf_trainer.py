@@ -80,7 +80,7 @@ class PrintLosses(TrainerCallback):
 
 
 def training_arguments(cli, dp: int) -> TrainingArguments:
-    fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}) if cli.fsdp else {}
+    fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2}) if cli.fsdp else {}
     return TrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.steps, learning_rate=3e-3, lr_scheduler_type="constant",
         per_device_train_batch_size=DOCUMENTS_PER_STEP // dp, gradient_accumulation_steps=cli.grad_accum,
