@@ -169,7 +169,8 @@ def refuse_unsupported(trainer, memory: MemoryConfig | None) -> None:
                             "metrics from logits need the full logits, which longseq never builds; evaluation "
                             "reports the exact eval_loss; remove compute_metrics/preprocess_logits_for_metrics"),
         "deepspeed": (trainer.is_deepspeed_enabled, "use FSDP2 (accelerate's FSDP plugin, fsdp_version=2) or DDP"),
-        "n_gpu": (args.n_gpu > 1, "torch.nn.DataParallel is not supported; launch one process per GPU with torchrun"),
+        "n_gpu": (args.n_gpu > 1, "one process drives several GPUs (torch.nn.DataParallel); launch one process per "
+                                  "GPU with torchrun"),
         "use_liger_kernel": (getattr(args, "use_liger_kernel", False),
                              "Liger's kernels replace the modules longseq tiles; set use_liger_kernel=False "
                              "(MemoryConfig's tiled MLP and loss do the same job)"),
