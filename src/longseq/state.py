@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from longseq.loss import LossConfig
     from longseq.memory.checkpoint_offload import CheckpointOffloader
     from longseq.memory.config import MemoryConfig
     from longseq.mesh import Mesh
@@ -28,6 +29,8 @@ class LongseqState:
     """The mesh longseq.apply was given; None where only memory features were applied (apply_memory)."""
     memory: MemoryConfig | None = None
     """The memory features longseq.apply switched on; its loss passes them to the tiled loss."""
+    loss: LossConfig | None = None
+    """The loss options longseq.apply was given (label smoothing, z-loss); None: plain cross-entropy."""
     attention: str | None = None
     """The name of the attention function registered for this model (parallel/attention.py); None: the model's
     own attention runs."""

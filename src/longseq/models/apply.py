@@ -6,12 +6,13 @@ MLPs and decoder layers), then the loss entry point on the CausalLM's forward.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from longseq.loss import cross_entropy_sum, global_mean
+from longseq.loss import LossConfig, cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm
@@ -19,12 +20,15 @@ from longseq.parallel.attention import register_attention
 from longseq.state import LongseqState, attach_state
 
 
-def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None):
+def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None,
+          loss: LossConfig | None = None):
     """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
 
     attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
     model was loaded with. 'sdpa' also serves classes that transformers won't load with it (Gemma-2) once their
     attention logit softcapping is off.
+    loss: label smoothing and z-loss of the loss (Note [Loss options]); default plain cross-entropy. Per-token
+    weights come with the batch, as `shift_loss_weights` shifted like the labels.
 
     After this, `longseq.causal_lm_loss(model, longseq.shard_batch(batch, mesh), mesh)` gives the exact global loss,
     and `model(**sharded_batch)` gives this rank's slice of the logits.
@@ -50,8 +54,11 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
             causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     if memory is not None:
         apply_memory(causal, memory)
-    state.mesh, state.memory = mesh, memory
-    causal.forward = types.MethodType(_make_forward(causal.forward), causal)
+    state.mesh, state.memory, state.loss = mesh, memory, loss
+    forward = _make_forward(causal.forward)
+    # The class's signature, so that what inspects it (Trainer's column filter, generate's kwargs check) sees the model's.
+    functools.update_wrapper(forward, type(causal).forward)
+    causal.forward = types.MethodType(forward, causal)
     return model
 
 
@@ -81,21 +88,24 @@ def _require_position_ids(module, args, kwargs):
 
 
 def _make_forward(original):
-    def forward(self, *args, shift_labels=None, longseq_num_tokens=None, **kwargs):
+    def forward(self, *args, shift_labels=None, shift_loss_weights=None, longseq_num_tokens=None, **kwargs):
         """With shift_labels: only the loss (Note [Exact global loss]); otherwise the model's own forward."""
         if shift_labels is None:
             return original(*args, **kwargs)
         state: LongseqState = self._longseq
         hidden = self.get_decoder()(*args, **kwargs)[0]
-        loss_sum, count = _loss_sum(self, hidden, shift_labels, state.memory)
+        loss_sum, count = _loss_sum(self, hidden, shift_labels, state, shift_loss_weights)
         return CausalLMOutputWithPast(loss=global_mean(loss_sum, count, state.mesh, longseq_num_tokens))
 
     return forward
 
 
-def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None):
+def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, state: LongseqState,
+              weights: torch.Tensor | None):
     """Runs inside the CausalLM's forward, so under FSDP2 the lm_head weight is unsharded here."""
     head = causal.get_output_embeddings()
+    memory = state.memory
     if memory is not None and memory.tiled_loss and type(head) is torch.nn.Linear:
-        return lm_head_cross_entropy_sum(causal, hidden, labels, memory)
-    return cross_entropy_sum(hidden, head, labels, getattr(causal.config, "final_logit_softcapping", None))
+        return lm_head_cross_entropy_sum(causal, hidden, labels, memory, loss=state.loss, weights=weights)
+    softcap = getattr(causal.config, "final_logit_softcapping", None)
+    return cross_entropy_sum(hidden, head, labels, softcap, state.loss, weights)
