@@ -129,6 +129,31 @@ def test_router_loss_excludes_padding():
     assert_same(sharded(model, data, longseq.Mesh()), want)
 
 
+def test_gradient_accumulation_weights_router_loss_by_tokens():
+    """num_tokens over two micro-batches: the cross-entropy is the window's mean, and each micro-step's router loss
+    weighs by its micro-batch's share of the window's valid tokens."""
+    micro = [batch(70, seed=5), batch(41, rows=2, seed=6)]
+    counts = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
+    total = sum(counts)
+    model = tiny_model("qwen3_moe")
+    reference_model = copy.deepcopy(model)
+    want = []
+    for data, count in zip(micro, counts):
+        out = reference_model(**data, use_cache=False)
+        want.append(out.loss * count / total)  # (mean cross-entropy + coef · aux) · the micro-batch's share
+        want[-1].backward()
+    longseq.apply(model, longseq.Mesh(), longseq.MemoryConfig(tile_tokens=16))
+    got = []
+    for data in micro:
+        got.append(longseq.causal_lm_loss(model, longseq.shard_batch(data, longseq.Mesh()),
+                                          num_tokens=torch.tensor(float(total))))
+        got[-1].backward()
+    torch.testing.assert_close(sum(got).detach(), sum(want).detach(), **TOL)
+    ref_grads = dict(reference_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
 def test_gpt_oss_sinks_on_one_gpu():
     """attention='sdpa' on one GPU: transformers' SDPA would drop the sinks, so longseq's attention serves it."""
     model = tiny_model("gpt_oss")

@@ -101,17 +101,20 @@ def band_backward(dout, q, k, v, out, lse, *, offset: int, window: int, scale: f
     acc = accumulation_dtype(q.dtype)
     kv_heads, groups = k.shape[1], q.shape[1] // k.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk, dv = (torch.zeros((*k.shape[:1], q.shape[1], *k.shape[2:]), dtype=acc, device=q.device) for _ in range(2))
+    dk, dv = (torch.zeros(k.shape, dtype=acc, device=q.device) for _ in range(2))
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
+
+    def fold(grad):  # the adjoint of expand_kv: sum the gradients of each kv head's copies
+        return grad.unflatten(1, (kv_heads, groups)).sum(2)
+
     for i0, i1, j0, j1 in _row_chunks(q, k.shape[2], offset, window):
         if j0 == j1:
             continue
         p = torch.exp(_scores(q, k, i0, i1, j0, j1, offset, window, scale, acc) - lse[:, :, i0:i1, None].to(acc))
         do = dout[:, :, i0:i1].to(acc)
-        dv[:, :, j0:j1] += p.transpose(-1, -2) @ do
+        dv[:, :, j0:j1] += fold(p.transpose(-1, -2) @ do)
         ds = p * (do @ expand_kv(v[:, :, j0:j1], groups).to(acc).transpose(-1, -2) - delta[:, :, i0:i1, None])
         dq[:, :, i0:i1] += ds @ expand_kv(k[:, :, j0:j1], groups).to(acc) * scale
-        dk[:, :, j0:j1] += ds.transpose(-1, -2) @ q[:, :, i0:i1].to(acc) * scale
+        dk[:, :, j0:j1] += fold(ds.transpose(-1, -2) @ q[:, :, i0:i1].to(acc)) * scale
     dtype = grad_dtype or acc
-    dk, dv = (g.unflatten(1, (kv_heads, groups)).sum(2) for g in (dk, dv))
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
