@@ -86,7 +86,8 @@ class _RouterTap:
 
 
 class ExpertBlock:
-    """The wrapper on one expert block: its own forward, router, family and the model's state and config."""
+    """The wrapper on one expert block: its own forward, router, family and the model's state and config. The
+    block's parameters are read at each call: FSDP2 swaps in the unsharded ones for the layer's forward."""
 
     def __init__(self, block: nn.Module, router: type, family: ExpertFamily, state: LongseqState, config, memory):
         routers = [m for m in block.modules() if isinstance(m, router)]
@@ -94,9 +95,8 @@ class ExpertBlock:
             raise ValueError(f"longseq: expected one router in {type(block).__name__}, found {len(routers)}.")
         self.inner, self.router, self.family = block.forward, routers[0], family
         self.state, self.config, self.memory = state, config, memory
-        self.params = [p for p in block.parameters() if p.requires_grad]
 
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, block: nn.Module, x: torch.Tensor):
         collect = bool(self.config.output_router_logits)
         load = self.state.router_load
         mask = None if load is None else _checked_mask(load.token_mask, x)
@@ -109,12 +109,13 @@ class ExpertBlock:
             elif collect:  # a checkpoint's recompute: the same saved tensors as the forward, nothing recorded
                 router_statistics(tap.single(), None, self.config.num_experts_per_tok)
             return result
+        params = [p for p in block.parameters() if p.requires_grad]
         if collect:
-            out, probabilities, tally = tiled_experts(self._run, x, mask, *self.params, tile_tokens=tile)
+            out, probabilities, tally = tiled_experts(self._run, x, mask, *params, tile_tokens=tile)
             if load is not None:
                 load.add(probabilities, tally)
         else:
-            out = tiled(lambda t: self._hidden(self.inner(t)), x, *self.params, tile_tokens=tile)
+            out = tiled(lambda t: self._hidden(self.inner(t)), x, *params, tile_tokens=tile)
         return (out, None) if self.family.returns_router_scores else out
 
     def _run(self, x_tile: torch.Tensor, mask_rows: torch.Tensor | None):
@@ -146,7 +147,7 @@ def _checked_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | 
 
 
 def _wrapped_forward(self: nn.Module, hidden_states: torch.Tensor):
-    return self._longseq_experts(hidden_states)
+    return self._longseq_experts(self, hidden_states)
 
 
 def apply_experts(causal, state: LongseqState, memory: MemoryConfig | None) -> ExpertFamily | None:
