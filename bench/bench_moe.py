@@ -87,10 +87,10 @@ def measure(model, mesh, data: dict, repeats: int) -> dict:
     peak = torch.tensor([peak_gib()], device=mesh.device)
     if mesh.world_size > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    seconds = timed(step, repeats) if repeats else float("nan")
+    timing = timed(step, repeats).fields("step") if repeats else dict(step_s=float("nan"))
     tokens = data["input_ids"].numel()
     return dict(tokens=tokens, loss=float(out.loss.detach()), aux_loss=float(out.aux_loss.detach()),
-                peak_gib=peak.item(), step_s=seconds, tokens_per_s_per_gpu=tokens / seconds / mesh.world_size)
+                peak_gib=peak.item(), tokens_per_s_per_gpu=tokens / timing["step_s"] / mesh.world_size, **timing)
 
 
 def _free() -> None:
