@@ -104,10 +104,10 @@ class ExpertBlock:
         if tile is None or x.shape[-2] <= tile:
             with _RouterTap(self.router) as tap:
                 result = self.inner(x)
-            if collect and load is not None:
-                load.add(*router_statistics(tap.single(), _flat(mask), self.config.num_experts_per_tok))
-            elif collect:  # a checkpoint's recompute: the same saved tensors as the forward, nothing recorded
-                router_statistics(tap.single(), None, self.config.num_experts_per_tok)
+            if collect:  # also without an open RouterLoad (a checkpoint's recompute saves what its forward saved)
+                statistics = router_statistics(tap.single(), _flat(mask), self.config.num_experts_per_tok)
+                if load is not None:
+                    load.add(*statistics)
             return result
         params = [p for p in block.parameters() if p.requires_grad]
         if collect:
