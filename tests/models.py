@@ -19,16 +19,28 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", {"sliding_window": 40}),
 }
 
+# Mixture-of-experts families, with the router loss on (and a coefficient large enough to show in every gradient).
+_ROUTED = {"output_router_logits": True, "router_aux_loss_coef": 0.5, "num_experts_per_tok": 2}
+MOE_FAMILIES = {
+    # layer 0 dense (mlp_only_layers), layer 1 experts
+    "qwen3_moe": ("Qwen3MoeConfig", {**_ROUTED, "num_experts": 8, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                     "mlp_only_layers": [0]}),
+    "mixtral": ("MixtralConfig", {**_ROUTED, "num_local_experts": 8, "intermediate_size": 32, "sliding_window": 40}),
+    # sliding and full layers alternate; attention sinks; loaded as eager (transformers refuses SDPA for it)
+    "gpt_oss": ("GptOssConfig", {**_ROUTED, "num_local_experts": 8, "intermediate_size": 32, "sliding_window": 24}),
+}
+
 
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides) -> torch.nn.Module:
-    config_name, extra = FAMILIES[family]
+    config_name, extra = {**FAMILIES, **MOE_FAMILIES}[family]
     settings = {**COMMON, **extra, **overrides}
     if family == "gemma3":  # alternate windowed and full layers, whatever the depth
         settings.setdefault("layer_types", ["sliding_attention", "full_attention"] * settings["num_hidden_layers"])
         settings["layer_types"] = settings["layer_types"][:settings["num_hidden_layers"]]
     config = getattr(transformers, config_name)(**settings)
-    # transformers refuses SDPA for Gemma-2 because of attention softcapping, which these configs switch off.
-    load_as = "eager" if family == "gemma2" else attn
+    # transformers refuses SDPA for Gemma-2 because of attention softcapping, which these configs switch off, and for
+    # GPT-OSS because of its attention sinks, which longseq's attention handles.
+    load_as = "eager" if family in ("gemma2", "gpt_oss") else attn
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=load_as).float()
     model.config._attn_implementation = attn

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from longseq.memory.config import MemoryConfig
     from longseq.mesh import Mesh
     from longseq.parallel.attention import Documents
+    from longseq.router_loss import RouterLoad
 
 _ATTRIBUTE = "_longseq"
 
@@ -41,6 +42,9 @@ class LongseqState:
     attention_cache: Callable | None = None
     """While a checkpointed layer runs: its compute-or-replay function for attention outputs, set by the checkpoint
     wrapper and passed on by the attention function (Note [Attention output cache]); None otherwise."""
+    router_load: RouterLoad | None = None
+    """While the loss entry point's forward runs on a mixture-of-experts model that adds the router loss: the router
+    statistics its expert blocks add up (Note [Exact router load-balancing loss]); None otherwise."""
 
 
 def longseq_state(model) -> LongseqState | None:

@@ -1,7 +1,8 @@
 """`longseq.apply`: one call that turns a Hugging Face causal LM into a long-sequence one.
 
-Order: sequence-parallel attention first (it swaps the attention function), then the memory features (they wrap
-MLPs and decoder layers), then the loss entry point on the CausalLM's forward.
+Order: the expert blocks of a mixture-of-experts model first (models/moe.py; it also refuses families longseq does
+not run exactly, before anything is changed), then sequence-parallel attention (it swaps the attention function),
+then the memory features (they wrap MLPs and decoder layers), then the loss entry point on the CausalLM's forward.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import functools
 import types
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from longseq.loss import LossConfig, cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
-from longseq.models.anatomy import find_causal_lm
+from longseq.models.anatomy import find_causal_lm, has_attention_sinks
+from longseq.models.moe import apply_experts, new_router_load
 from longseq.parallel.attention import register_attention
+from longseq.router_loss import global_router_loss
 from longseq.state import LongseqState, attach_state
 
 
@@ -38,7 +41,8 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     if state.mesh is not None:
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
-    if mesh.sp > 1 or _caches_attention(memory, attention or causal.config._attn_implementation):
+    routed = apply_experts(causal, state, memory) is not None
+    if mesh.sp > 1 or _runs_longseq_attention(causal, memory, attention or causal.config._attn_implementation):
         config = causal.config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -55,18 +59,19 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     if memory is not None:
         apply_memory(causal, memory)
     state.mesh, state.memory, state.loss = mesh, memory, loss
-    forward = _make_forward(causal.forward)
+    forward = _make_forward(causal.forward, routed)
     # The class's signature, so that what inspects it (Trainer's column filter, generate's kwargs check) sees the model's.
     functools.update_wrapper(forward, type(causal).forward)
     causal.forward = types.MethodType(forward, causal)
     return model
 
 
-def _caches_attention(memory: MemoryConfig | None, implementation: str) -> bool:
-    """On one GPU longseq's attention is only needed to keep attention outputs for backward (Note [Attention output
-    cache]); it replaces SDPA, and every other kernel stays the model's own."""
-    return (memory is not None and memory.offload_checkpoints and memory.cache_attention
-            and implementation == "sdpa")
+def _runs_longseq_attention(causal, memory: MemoryConfig | None, implementation: str) -> bool:
+    """On one GPU longseq's attention replaces SDPA only where SDPA alone falls short: to keep attention outputs for
+    backward (Note [Attention output cache]), and for attention sinks, which transformers' SDPA path ignores
+    (Note [Attention sinks]). Every other kernel stays the model's own."""
+    caches = memory is not None and memory.offload_checkpoints and memory.cache_attention
+    return implementation == "sdpa" and (caches or has_attention_sinks(causal))
 
 
 def _refuse_padding(module, args, kwargs):
@@ -87,15 +92,31 @@ def _require_position_ids(module, args, kwargs):
         )
 
 
-def _make_forward(original):
-    def forward(self, *args, shift_labels=None, shift_loss_weights=None, longseq_num_tokens=None, **kwargs):
-        """With shift_labels: only the loss (Note [Exact global loss]); otherwise the model's own forward."""
+def _make_forward(original, routed: bool):
+    """routed: a mixture-of-experts model (its router loss joins the loss where config.output_router_logits)."""
+
+    def forward(self, *args, shift_labels=None, shift_loss_weights=None, longseq_num_tokens=None, token_mask=None,
+                **kwargs):
+        """With shift_labels: only the loss (Note [Exact global loss], and for mixture-of-experts models Note [Exact
+        router load-balancing loss]); otherwise the model's own forward."""
         if shift_labels is None:
             return original(*args, **kwargs)
         state: LongseqState = self._longseq
-        hidden = self.get_decoder()(*args, **kwargs)[0]
+        load = None
+        if routed:
+            kwargs["output_router_logits"] = False  # transformers would keep every layer's logits; longseq sums
+            load = new_router_load(self, token_mask) if self.config.output_router_logits else None
+        state.router_load = load
+        try:
+            hidden = self.get_decoder()(*args, **kwargs)[0]
+        finally:
+            state.router_load = None
         loss_sum, count = _loss_sum(self, hidden, shift_labels, state, shift_loss_weights)
-        return CausalLMOutputWithPast(loss=global_mean(loss_sum, count, state.mesh, longseq_num_tokens))
+        loss = global_mean(loss_sum, count, state.mesh, longseq_num_tokens)
+        if load is None:
+            return CausalLMOutputWithPast(loss=loss)
+        aux = global_router_loss(load, state.mesh, count, longseq_num_tokens)
+        return MoeCausalLMOutputWithPast(loss=loss + self.config.router_aux_loss_coef * aux, aux_loss=aux)
 
     return forward
 

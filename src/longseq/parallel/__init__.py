@@ -4,7 +4,9 @@
     ulysses.py    Note [Ulysses all-to-all]: sequence-sharded ↔ head-sharded q, k, v and output
     ring.py       Note [Ring attention]: exact causal attention over a ring of ranks (R = 1: no ring), on
     kernels.py      block kernels that return the log-sum-exp (SDPA's cuDNN/flash ops, or FlexAttention),
-    merge.py        merged exactly by log-sum-exp
+    merge.py        merged exactly by log-sum-exp;
+    window.py       Note [Sliding windows on blocks]: blocks a sliding window cuts, as fp32 bands
+    sinks.py        Note [Attention sinks]: a learned per-head logit merged like one more key
     balance.py    Note [Zigzag placement]: which chunks of the sequence each ring rank holds
     local.py      causal SDPA over a whole gathered sequence: per document, sliding windows without S×S masks
     documents.py  document boundaries from position_ids
