@@ -15,16 +15,21 @@ from longseq.loss import cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm
+from longseq.models.hybrid import apply_linear_attention
 from longseq.parallel.attention import register_attention
 from longseq.state import LongseqState, attach_state
 
 
-def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None):
+def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None,
+          linear_attention: str = "auto"):
     """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
 
     attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
     model was loaded with. 'sdpa' also serves classes that transformers won't load with it (Gemma-2) once their
     attention logit softcapping is off.
+    linear_attention: how Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) run over the sp ranks: 'heads'
+    (Ulysses over their heads), 'state' (state passing), or 'auto' (heads where the Ulysses degree splits them);
+    see docs/linear-attention.md.
 
     After this, `longseq.causal_lm_loss(model, longseq.shard_batch(batch, mesh), mesh)` gives the exact global loss,
     and `model(**sharded_batch)` gives this rank's slice of the logits.
@@ -48,6 +53,7 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
         causal.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
         if mesh.sp > 1:
             causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+    apply_linear_attention(causal, state, mesh, linear_attention)
     if memory is not None:
         apply_memory(causal, memory)
     state.mesh, state.memory = mesh, memory
