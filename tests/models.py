@@ -27,9 +27,11 @@ FAMILIES.update({
     "qwen3_next_moe": ("Qwen3NextConfig", {**LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
                                            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
     "qwen3_5": ("Qwen3_5TextConfig", LINEAR),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", {**LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
     "olmo_hybrid": ("OlmoHybridConfig", {**LINEAR, "pad_token_id": None, "eos_token_id": None, "bos_token_id": None}),
 })
-HYBRIDS = ("qwen3_next", "qwen3_next_moe", "qwen3_5", "olmo_hybrid")
+HYBRIDS = ("qwen3_next", "qwen3_next_moe", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
 
 
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides) -> torch.nn.Module:

@@ -150,12 +150,17 @@ def test_documents_without_sp():
 
 
 def test_refuses_other_token_mixers():
-    model = tiny_model("qwen3_5")
+    import transformers
+
     with pytest.raises(ValueError, match="linear_attention='bogus' is not one of"):
-        longseq.apply(model, longseq.Mesh(world_size=2, sp=2, ulysses=2), linear_attention="bogus")
-    lfm = __import__("transformers").Lfm2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                                 layer_types=["conv", "full_attention"])
-    lfm_model = __import__("transformers").AutoModelForCausalLM.from_config(lfm, attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="cannot run Lfm2ForCausalLM sequence-parallel exactly"):
-        longseq.apply(lfm_model, longseq.Mesh(world_size=2, sp=2, ulysses=2))
+        longseq.apply(tiny_model("qwen3_5"), longseq.Mesh(world_size=2, sp=2, ulysses=2), linear_attention="bogus")
+    small = dict(hidden_size=64, num_hidden_layers=2, vocab_size=256)
+    others = {
+        "Lfm2ForCausalLM": transformers.Lfm2Config(**small, intermediate_size=128, num_attention_heads=4,
+                                                   num_key_value_heads=2, layer_types=["conv", "full_attention"]),
+        "FalconMambaForCausalLM": transformers.FalconMambaConfig(**small, state_size=4),
+    }
+    for name, config in others.items():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with pytest.raises(ValueError, match=f"cannot run {name} sequence-parallel exactly.*Run it with sp=1"):
+            longseq.apply(model, longseq.Mesh(world_size=2, sp=2, ulysses=2))

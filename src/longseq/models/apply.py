@@ -15,7 +15,7 @@ from longseq.loss import cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm
-from longseq.models.hybrid import apply_linear_attention
+from longseq.models.hybrid import apply_linear_attention, refuse_unshardable_mixers
 from longseq.parallel.attention import register_attention
 from longseq.state import LongseqState, attach_state
 
@@ -39,6 +39,8 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     if state.mesh is not None:
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
+    if mesh.sp > 1:
+        refuse_unshardable_mixers(causal)
     if mesh.sp > 1 or _caches_attention(memory, attention or causal.config._attn_implementation):
         config = causal.config
         heads = config.num_attention_heads

@@ -55,11 +55,8 @@ def gated_delta_nets(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_linear_attention(causal, state: LongseqState, mesh: Mesh, mode: str) -> None:
-    """Route every Gated DeltaNet layer through longseq's mixer (mode: 'auto', 'heads' or 'state'); refuse token
-    mixers longseq cannot shard exactly when sp > 1."""
+    """Route every Gated DeltaNet layer through longseq's mixer (mode: 'auto', 'heads' or 'state')."""
     nets = gated_delta_nets(causal)
-    if mesh.sp > 1:
-        _refuse_other_mixers(causal, nets)
     if not nets:
         return
     first = nets[0]
@@ -158,9 +155,10 @@ def _output(net: nn.Module, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     return projection(out)
 
 
-def _refuse_other_mixers(causal, nets: list[nn.Module]) -> None:
-    """Token mixers besides attention and Gated DeltaNet: a depthwise (causal) convolution over the sequence, or a
-    layer type that is neither attention nor linear attention."""
+def refuse_unshardable_mixers(causal) -> None:
+    """Refuse token mixers besides attention and Gated DeltaNet (for sp > 1): a depthwise (causal) convolution over
+    the sequence, or a layer type that is neither attention nor linear attention."""
+    nets = gated_delta_nets(causal)
     inside = {id(m) for net in nets for m in net.modules()}
     for name, module in causal.named_modules():
         if (isinstance(module, nn.Conv1d) and id(module) not in inside and module.groups == module.in_channels
@@ -168,9 +166,9 @@ def _refuse_other_mixers(causal, nets: list[nn.Module]) -> None:
             owner = name.rsplit(".", 1)[0]
             raise ValueError(
                 f"longseq cannot run {type(causal).__name__} sequence-parallel exactly: {owner} "
-                f"({type(causal.get_submodule(owner)).__name__}) mixes tokens along the sequence with a causal "
-                "convolution and a recurrence that longseq has no sharded form of (it has Ulysses and state passing "
-                "for Gated DeltaNet layers only: Qwen3-Next, Qwen3.5, OLMo-Hybrid). Run it with sp=1."
+                f"({type(causal.get_submodule(owner)).__name__}) mixes tokens along the sequence (a causal "
+                "convolution, and a recurrence or scan) in a way longseq has no sharded form of; longseq shards "
+                "attention and Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid). Run it with sp=1."
             )
     known = {"full_attention", "sliding_attention", "chunked_attention", "linear_attention"}
     layer_types = set(getattr(causal.config, "layer_types", None) or []) - known
