@@ -164,3 +164,25 @@ def test_refuses_other_token_mixers():
         model = transformers.AutoModelForCausalLM.from_config(config)
         with pytest.raises(ValueError, match=f"cannot run {name} sequence-parallel exactly.*Run it with sp=1"):
             longseq.apply(model, longseq.Mesh(world_size=2, sp=2, ulysses=2))
+
+
+def _fsdp2(mode: str):
+    """Under FSDP2 (as `longseq train` applies it), parameters are unsharded only inside each layer's forward."""
+    from longseq.train.engine import apply_fsdp
+
+    mesh = longseq.init_mesh(sp=2)
+    model = tiny_model("qwen3_next")
+    data = batch(**CASES[1])
+    ref_loss, _, ref_grads = reference(copy.deepcopy(model), data)
+    longseq.apply(model, mesh, longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0), linear_attention=mode)
+    apply_fsdp(model, torch.device("cpu"), param_dtype=torch.float32, cpu_offload=False)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["heads", "state"])
+def test_fsdp2(mode):
+    run_distributed(_fsdp2, 2, mode)
