@@ -111,7 +111,7 @@ def lr_factor(step: int, section: OptimSection, steps: int) -> float:
 def build_engine(config: TrainConfig, mesh: Mesh, vocab_size: int):
     """(model, optimizer, scheduler), ready to train on this rank."""
     model = build_model(config.model, config.training.seed, vocab_size)
-    longseq.apply(model, mesh, config.memory)
+    longseq.apply(model, mesh, config.memory, linear_attention=config.parallel.linear_attention)
     param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
     apply_fsdp(model, mesh.device, param_dtype=param_dtype, cpu_offload=config.training.cpu_offload)
     optimizer, scheduler = build_optimizer(model, config.optim, config.training.steps)
