@@ -186,3 +186,40 @@ def _fsdp2(mode: str):
 @pytest.mark.parametrize("mode", ["heads", "state"])
 def test_fsdp2(mode):
     run_distributed(_fsdp2, 2, mode)
+
+
+def _collectives(mode: str, forward: dict, backward: dict):
+    """Per Gated DeltaNet layer: heads, one all-to-all each way; state, one all-gather of halos and one of states
+    (an all-reduce each in backward). The model: one Gated DeltaNet layer, one attention layer."""
+    mesh = longseq.init_mesh(sp=2)
+    model = longseq.apply(tiny_model("qwen3_5"), mesh, linear_attention=mode)
+    calls = dict.fromkeys(("all_to_all_single", "all_gather", "all_reduce"), 0)
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in calls:
+        setattr(dist, name, counting(name))
+    try:
+        loss = longseq.causal_lm_loss(model, longseq.shard_batch(batch(128), mesh), mesh)
+        assert calls == forward, calls
+        loss.backward()
+        assert calls == backward, calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@pytest.mark.parametrize("mode,forward,backward", [
+    # documents: 2 all-gathers; the loss: 1 all-reduce; attention: 2 all-to-alls (each way again in backward)
+    ("heads", dict(all_to_all_single=4, all_gather=2, all_reduce=1), dict(all_to_all_single=8, all_gather=2,
+                                                                         all_reduce=1)),
+    ("state", dict(all_to_all_single=2, all_gather=4, all_reduce=1), dict(all_to_all_single=4, all_gather=4,
+                                                                         all_reduce=3)),
+])
+def test_collective_counts(mode, forward, backward):
+    run_distributed(_collectives, 2, mode, forward, backward)
