@@ -73,45 +73,41 @@ class ChunkLayout:
     chunk_run: torch.Tensor
     """(rows, chunks) the incoming state that each chunk's transition refers to."""
     run_ends: torch.Tensor
-    """(rows, runs) the last chunk of each run of linked-or-not segments whose map is exchanged; (rows, 0) if none."""
+    """(rows, runs) the last chunk of each of the rank's runs (their maps are exchanged); (rows, 0) without state passing."""
 
 
 def chunk_layout(segments: list[list[Segment]], local_length: int, run_ends: list[list[int]] | None = None,
                  device=None, chunk: int = CHUNK_TOKENS) -> ChunkLayout:
     """Lay each row's segments out on chunk boundaries. `run_ends[row][r]` names the segment (by index in the row)
     that ends run r; the layout turns it into that segment's last chunk."""
-    rows = len(segments)
-    dest, keep, link, chunk_run, ends = [], [], [], [], []
-    for row, row_segments in enumerate(segments):
-        first_chunk, row_keep, row_link, row_run, last_chunk = [], [], [], [], []
-        used = 0
-        for segment in row_segments:
-            count = -(-segment.length // chunk)
-            first_chunk.append(used)
-            row_keep += [0.0] + [1.0] * (count - 1)
-            row_link += [float(segment.linked)] + [0.0] * (count - 1)
-            row_run += [segment.run] * count
-            used += count
-            last_chunk.append(used - 1)
-        keep.append(row_keep)
-        link.append(row_link)
-        chunk_run.append(row_run)
-        ends.append([last_chunk[s] for s in (run_ends[row] if run_ends else [])])
-        dest.append((first_chunk, row_segments))
-    chunks = max(len(k) for k in keep)
-    index = torch.empty(rows * local_length, dtype=torch.long)
-    for row, (first_chunk, row_segments) in enumerate(dest):
-        for first, segment in zip(first_chunk, row_segments):
-            source = row * local_length + segment.start
-            target = (row * chunks + first) * chunk
-            index[source:source + segment.length] = torch.arange(target, target + segment.length)
+    rows = [_row_chunks(row_segments, chunk) for row_segments in segments]
+    chunks = max(len(row["keep"]) for row in rows)
+    dest = torch.empty(len(rows) * local_length, dtype=torch.long)
+    for r, (row, row_segments) in enumerate(zip(rows, segments)):
+        for first, segment in zip(row["first"], row_segments):
+            source, target = r * local_length + segment.start, (r * chunks + first) * chunk
+            dest[source:source + segment.length] = torch.arange(target, target + segment.length)
 
-    def pad(table, fill):
-        return torch.tensor([r + [fill] * (chunks - len(r)) for r in table], device=device)
+    def table(name, fill):
+        return torch.tensor([row[name] + [fill] * (chunks - len(row[name])) for row in rows], device=device)
 
-    return ChunkLayout(rows=rows, chunks=chunks, dest=index.to(device), keep=pad(keep, 0.0), link=pad(link, 0.0),
-                       chunk_run=pad(chunk_run, 0),
-                       run_ends=torch.tensor(ends, dtype=torch.long, device=device).view(rows, -1))
+    ends = [[row["last"][s] for s in (run_ends[r] if run_ends else [])] for r, row in enumerate(rows)]
+    return ChunkLayout(rows=len(rows), chunks=chunks, dest=dest.to(device), keep=table("keep", 0.0),
+                       link=table("link", 0.0), chunk_run=table("run", 0),
+                       run_ends=torch.tensor(ends, dtype=torch.long, device=device).view(len(rows), -1))
+
+
+def _row_chunks(segments: list[Segment], chunk: int) -> dict:
+    """One row: each segment's first and last chunk, and per chunk keep, link and run."""
+    row = dict(first=[], last=[], keep=[], link=[], run=[])
+    for segment in segments:
+        count = -(-segment.length // chunk)
+        row["first"].append(len(row["keep"]))
+        row["keep"] += [0.0] + [1.0] * (count - 1)
+        row["link"] += [float(segment.linked)] + [0.0] * (count - 1)
+        row["run"] += [segment.run] * count
+        row["last"].append(len(row["keep"]) - 1)
+    return row
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
