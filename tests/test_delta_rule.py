@@ -90,7 +90,9 @@ def test_matches_transformers_kernel():
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
     q, k, v, g, beta = (t.detach().float() for t in inputs(length=150))
-    ref, _ = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+    # transformers 5.17's kernel wants key heads already repeated for the value heads (5.24 repeats them itself)
+    repeated = (t.repeat_interleave(2, dim=2) for t in (q, k))
+    ref, _ = torch_chunk_gated_delta_rule(*repeated, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     out = gated_delta_rule(q, k, v, g, beta, chunk_layout([[Segment(start=0, length=150)]] * 2, 150))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
