@@ -35,11 +35,12 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
 
 
 def build(family: str, layers: int, tiny: bool, device, dtype):
-    """The family's default (released) shape with `layers` layers, 3 Gated DeltaNet to 1 attention, dense MLP."""
+    """The family's default (released) shape with `layers` layers, 3 Gated DeltaNet to 1 attention (at least one
+    attention layer), dense MLP."""
+    types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
+    types[-1] = "full_attention" if "full_attention" not in types else types[-1]  # OLMo-Hybrid needs one
     settings = dict(TINY) if tiny else {}
-    settings.update(num_hidden_layers=layers,
-                    layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4)
-                    + ["linear_attention"] * (layers % 4))
+    settings.update(num_hidden_layers=layers, layer_types=types)
     if family == "qwen3_next":
         settings["num_experts"] = 0
     config = getattr(transformers, CONFIGS[family])(**settings)
@@ -55,7 +56,7 @@ def modes(world: int) -> list[str]:
 
 def layer_step(family, mode, mesh, length, args, device, dtype, plain=False):
     """Forward + backward of one Gated DeltaNet layer on this rank's tokens (plain: transformers' own, one GPU)."""
-    model = build(family, 1, args.tiny, device, dtype)
+    model = build(family, 2, args.tiny, device, dtype)  # a Gated DeltaNet layer, then attention (not run)
     if not plain:
         longseq.apply(model, mesh, linear_attention=mode)
     net = gated_delta_nets(model)[0]
@@ -89,8 +90,11 @@ def measure(step, repeats: int, world: int, device) -> dict:
     peak = torch.tensor([peak_gib()], device=device)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    seconds = timed(step, repeats)
-    return dict(peak_gib=peak.item(), step_s=seconds, **({} if first is None else {"first_loss": first}))
+    result = dict(peak_gib=peak.item(), **timed(step, repeats).fields("step"),
+                  **({} if first is None else {"first_loss": first}))
+    if dist.get_rank() == 0:  # as it comes: a later length that runs out of memory leaves these in the log
+        print("measured", json.dumps(result), flush=True)
+    return result
 
 
 def run(args, world, device, dtype) -> list[dict]:
