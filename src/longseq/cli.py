@@ -12,7 +12,7 @@ import difflib
 import importlib
 import sys
 
-# name -> (one-line summary, "module:function" taking argv and returning an exit code). `plan` and `bench` go here.
+# name -> (one-line summary, "module:function" taking argv and returning an exit code); a new command is one entry.
 COMMANDS = {
     "train": ("Train a causal LM on long sequences (FSDP2 + sequence parallelism).", "longseq.train.command:main"),
 }

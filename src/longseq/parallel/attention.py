@@ -58,6 +58,23 @@ def check_implementation(implementation: str, ring: int) -> None:
             f"attn_implementation='sdpa' (or 'flex_attention') instead of {implementation!r}, or use pure Ulysses "
             "(longseq.init_mesh(sp=..., ring=1))."
         )
+    _check_installed(implementation)
+
+
+def _check_installed(implementation: str) -> None:
+    """transformers' flash kernels need their package and a CUDA GPU; without them the forward would fail much later
+    (a function registered under the name by the user is theirs to judge)."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if (implementation in available and ALL_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_forward
+            and not available[implementation]()):
+        package = "flash-attn" if implementation == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+        raise ValueError(
+            f"attention={implementation!r} needs the {package} package and a CUDA GPU, and this environment lacks "
+            f"one of them: install it (pip install flash-attn) on a CUDA machine, or use attention='sdpa'."
+        )
 
 
 class Documents:
