@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from longseq.memory.checkpoint_offload import CheckpointOffloader
     from longseq.memory.config import MemoryConfig
     from longseq.mesh import Mesh
+    from longseq.models.hybrid import LinearAttention
     from longseq.parallel.attention import Documents
     from longseq.router_loss import RouterLoad
 
@@ -37,6 +38,9 @@ class LongseqState:
     own attention runs."""
     documents: Documents | None = None
     """The registered attention function's document boundaries, gathered once per forward pass."""
+    linear_attention: LinearAttention | None = None
+    """The layout of the model's Gated DeltaNet layers and the current forward's plan (models/hybrid.py); None
+    without such layers."""
     offloader: CheckpointOffloader | None = None
     """The checkpoint offloader; None without offload_checkpoints."""
     attention_cache: Callable | None = None

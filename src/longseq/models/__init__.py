@@ -4,4 +4,5 @@
                 attention sinks (used by memory/, train/)
     moe.py      mixture-of-experts families: their expert blocks tiled and reporting router statistics
     apply.py    longseq.apply: expert blocks, sequence-parallel attention, the memory features, the loss entry point
+    hybrid.py   Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) through parallel/linear_attention.py
 """

@@ -18,13 +18,14 @@ from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm, has_attention_sinks
 from longseq.models.moe import apply_experts, new_router_load
+from longseq.models.hybrid import apply_linear_attention, refuse_unshardable_mixers
 from longseq.parallel.attention import register_attention
 from longseq.router_loss import global_router_loss
 from longseq.state import LongseqState, attach_state
 
 
 def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None,
-          loss: LossConfig | None = None):
+          loss: LossConfig | None = None, linear_attention: str = "auto"):
     """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
 
     attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
@@ -32,6 +33,9 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     attention logit softcapping is off.
     loss: label smoothing and z-loss of the loss (Note [Loss options]); default plain cross-entropy. Per-token
     weights come with the batch, as `shift_loss_weights` shifted like the labels.
+    linear_attention: how Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid) run over the sp ranks: 'heads'
+    (Ulysses over their heads), 'state' (state passing), or 'auto' (heads where the Ulysses degree splits them);
+    see docs/linear-attention.md.
 
     After this, `longseq.causal_lm_loss(model, longseq.shard_batch(batch, mesh), mesh)` gives the exact global loss,
     and `model(**sharded_batch)` gives this rank's slice of the logits.
@@ -41,6 +45,8 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     if state.mesh is not None:
         raise RuntimeError("longseq.apply was already called on this model; call it once.")
     mesh = mesh or Mesh()
+    if mesh.sp > 1:
+        refuse_unshardable_mixers(causal)
     routed = apply_experts(causal, state, memory) is not None
     if mesh.sp > 1 or _runs_longseq_attention(causal, memory, attention or causal.config._attn_implementation):
         config = causal.config
@@ -56,6 +62,7 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
         causal.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
         if mesh.sp > 1:
             causal.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+    apply_linear_attention(causal, state, mesh, linear_attention)
     if memory is not None:
         apply_memory(causal, memory)
     state.mesh, state.memory, state.loss = mesh, memory, loss

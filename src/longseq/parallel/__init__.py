@@ -1,4 +1,4 @@
-"""Sequence-parallel attention: Ulysses all-to-all, ring, and their hybrid.
+"""Sequence-parallel attention: Ulysses all-to-all, ring, and their hybrid; and linear attention (Gated DeltaNet).
 
     attention.py  the entry point: the attention function registered with transformers, and its dispatch rule
     ulysses.py    Note [Ulysses all-to-all]: sequence-sharded ↔ head-sharded q, k, v and output
@@ -11,6 +11,10 @@
     local.py      causal SDPA over a whole gathered sequence: per document, sliding windows without S×S masks
     documents.py  document boundaries from position_ids
     gradients.py  gradient averaging for runs without FSDP2/DDP
+    linear_attention.py  Note [Linear attention under sequence parallelism]: heads (Ulysses) or state passing
+    delta_rule.py        Note [Chunked gated delta rule]: the recurrence as affine maps per chunk of 64 tokens
+    state_passing.py     Note [Linear attention state passing]: one all-gather of run maps, a prefix combine
+    causal_conv.py       the depthwise causal convolution over packed documents, with halos
 
 Depends on nothing else of longseq but mesh.py and state.py; ring.py and its kernels on nothing outside parallel/.
 """
