@@ -30,6 +30,7 @@ from longseq.mesh import Mesh
 from longseq.parallel import kernels
 from longseq.parallel.balance import natural_order
 from longseq.parallel.documents import document_boundaries, is_single_document
+from longseq.parallel.head_groups import HeadGroups
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
@@ -146,7 +147,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
         window = kwargs.get("sliding_window")
         if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
             out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
-                                   held.attention_cache)
+                                   held.attention_cache, _head_groups(held.memory))
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -172,7 +173,15 @@ def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> 
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache):
+def _head_groups(memory) -> HeadGroups:
+    """The head grouping MemoryConfig asks of the block kernels (Note [Attention head groups]); all heads in one call
+    without memory features."""
+    if memory is None:
+        return HeadGroups()
+    return HeadGroups(heads=memory.attention_heads_per_call, memory_mib=memory.attention_memory_mib)
+
+
+def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, groups):
     """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
     layer's attention cache (None outside a checkpointed layer)."""
     if window is not None and window < q.shape[2] * mesh.ring:
@@ -183,7 +192,8 @@ def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, 
     if dropout:
         raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
     out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
-                         boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache)
+                         boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache,
+                         groups=groups)
     return out.transpose(1, 2)
 
 

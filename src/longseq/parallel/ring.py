@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from longseq.parallel.head_groups import ALL_HEADS, HeadGroups
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
 
@@ -78,7 +79,8 @@ class _Run:
 
 
 def ring_attention(
-    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None
+    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None,
+    groups: HeadGroups = ALL_HEADS,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
@@ -90,7 +92,9 @@ def ring_attention(
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
-        uses whatever pair it returns.
+        uses whatever pair it returns. If it has a method `backward_done()`, the backward calls it once this call's
+        gradients are computed (the cache then starts bringing back what the layer before needs).
+    groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
     ring_size = _ring_size(group)
@@ -99,32 +103,38 @@ def ring_attention(
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
     rank = 0 if group is None else dist.get_rank(group)
     plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
+    if ring_size > 1:  # sent point to point, which needs dense tensors
+        k, v = k.contiguous(), v.contiguous()
+    return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, groups)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan, kernel, cache):
+    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, groups):
         def compute():
-            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
+            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, groups=groups)
 
         out, lse = compute() if cache is None else cache(compute)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
+        ctx.group, ctx.scale, ctx.plan, ctx.kernel, ctx.groups = group, scale, plan, kernel, groups
+        ctx.backward_done = getattr(cache, "backward_done", None)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
-                                            kernel=ctx.kernel)
-        return None, dq, dk, dv, None, None, None, None
+                                            kernel=ctx.kernel, groups=ctx.groups)
+        if ctx.backward_done is not None:
+            ctx.backward_done()
+        return None, dq, dk, dv, None, None, None, None, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa"):
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa",
+                           groups: HeadGroups = ALL_HEADS):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
     if _ring_size(group) == 1:
-        return _local_forward(q, k, v, scale, plan, kernel)
+        return _local_forward(q, k, v, scale, plan, kernel, groups)
     ring = _Ring(group)
     steps = len(plan[0].steps)
     out, lse = new_accumulators(q)
@@ -133,7 +143,7 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         for rq, rk, call in _blocks(plan, step):
             block_out, block_lse = block_forward(
-                q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel
+                q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel, groups=groups
             )
             merge_(out[rq], lse[rq], block_out, block_lse)
         if pending is not None:
@@ -142,11 +152,12 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
 
 
 def ring_attention_backward(
-    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa"
+    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa",
+    groups: HeadGroups = ALL_HEADS,
 ):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
     if _ring_size(group) == 1:
-        return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel)
+        return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel, groups)
     ring = _Ring(group)
     steps = len(plan[0].steps)
     acc = accumulation_dtype(q.dtype)
@@ -158,7 +169,7 @@ def ring_attention_backward(
         for rq, rk, call in _blocks(plan, step):
             gq, gk, gv = block_backward(
                 dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
-                kernel=kernel,
+                kernel=kernel, groups=groups,
             )
             dq[rq] += gq
             dk[rk] += gk
@@ -190,24 +201,25 @@ def _covered_by_one_call(plan: list[_Run]) -> bool:
     return len(plan) == 1 and len(first) == 1
 
 
-def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):  # one document per row: no copy either
-        return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
+        return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel, groups=groups)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
     for rq, rk, _ in _blocks(plan, 0):
-        out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel)
+        out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel, groups=groups)
     return out, lse
 
 
-def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str):
+def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):
-        return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype)
+        return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype,
+                              groups=groups)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     for rq, rk, _ in _blocks(plan, 0):
         dq[rq], dk[rk], dv[rk] = block_backward(
             dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
-            grad_dtype=q.dtype,
+            grad_dtype=q.dtype, groups=groups,
         )
     return dq, dk, dv
 
