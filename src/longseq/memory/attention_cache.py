@@ -13,7 +13,7 @@ layer call gets a compute-or-replay function `cache(compute) -> (out, lse)`:
     layer recompute:  (out, lse) are taken from that list instead of calling compute(); their host→GPU copy starts
                       when the recompute begins (with MemoryConfig.prefetch_after_attention=False also the next,
                       earlier layer's then)
-    attention backward done: the block kernels' backward calls the cache's backward_done(); with
+    attention backward done: a hook on q's gradient calls the cache's backward_done() (ring_attention); with
                       prefetch_after_attention, the checkpoint the next layer's recompute needs starts coming back then
                       (not earlier: at the attention backward, the step's peak, it would add one layer input)
 
@@ -126,8 +126,8 @@ class AttentionPhase:
         return result
 
     def backward_done(self) -> None:
-        """Called by the block kernels' backward once this layer's attention gradients are computed. (Backward runs
-        the nodes of the layer's forward, so this is the forward phase's method that is called.)"""
+        """Called once backward is past this layer's attention (ring_attention hooks q's gradient). Backward runs the
+        nodes of the layer's forward, so it is the forward phase's hook that fires."""
         self.kept.backward_done()
 
 

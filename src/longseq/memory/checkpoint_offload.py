@@ -24,9 +24,10 @@ device. The last `keep_last_layers_on_gpu` layers are not offloaded: backward ne
 When x_{i-1} starts coming back is a trade between memory and overlap. At the start of layer i's recompute (one
 layer ahead: the most time to hide the copy) it sits on the GPU through layer i's attention backward, the step's
 peak, with the earlier layer's kept attention output beside it: 16 KiB per token for the 8B shape (device call 20).
-So by default (MemoryConfig.prefetch_after_attention) it starts when layer i's attention backward is done
-(the block kernels call the attention cache's backward_done()), and a kept attention output when its own layer's
-recompute starts; the copies then overlap the rest of layer i's backward and the start of layer i−1's recompute.
+So by default (MemoryConfig.prefetch_after_attention) it starts once layer i's attention backward is done and
+its saved tensors are released (a hook on the gradient of the attention's q calls the attention cache's
+backward_done()), and a kept attention output when its own layer's recompute starts; the copies then overlap the
+rest of layer i's backward and the start of layer i−1's recompute.
 Layers whose attention did not go through the cache fall back to the start of the recompute.
 
 On a machine without CUDA the same code runs with ordinary host copies and no streams, which is how its

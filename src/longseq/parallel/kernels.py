@@ -88,7 +88,7 @@ def _sdpa(direction: str, *args):
     The ops read strided tensors whose last dimension is dense: the (B, S, H, D) layout HF's q/k/v and the kernels'
     own outputs have, and head or position slices of it (CPU: checked by tests/test_head_groups.py; CUDA: cuDNN >=
     9.5.1 builds its graph from each tensor's strides, the flash op transposes to (B, S, H, D) and checks only the
-    last stride; tests/gpu/test_block_kernels_gpu.py compares against dense copies). So only what breaks that is
+    last stride; tests/gpu/test_memory_gpu.py compares against dense copies). So only what breaks that is
     copied, and the log-sum-exp always: a strided lse gave wrong gradients on some ops.
     """
     *tensors, causal, scale = args

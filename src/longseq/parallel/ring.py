@@ -92,8 +92,9 @@ def ring_attention(
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
-        uses whatever pair it returns. If it has a method `backward_done()`, the backward calls it once this call's
-        gradients are computed (the cache then starts bringing back what the layer before needs).
+        uses whatever pair it returns. If it has a method `backward_done()`, it is called once backward has used
+        and released this call's saved tensors (a hook on q's gradient; the cache then starts bringing back what the
+        layer before needs).
     groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
@@ -105,6 +106,10 @@ def ring_attention(
     plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
     if ring_size > 1:  # sent point to point, which needs dense tensors
         k, v = k.contiguous(), v.contiguous()
+    done = getattr(cache, "backward_done", None)
+    if done is not None and q.requires_grad and torch.is_grad_enabled():
+        # Runs when q's gradient reaches q's own node: after this call's backward, whose saved tensors are gone then.
+        q.register_hook(lambda grad: done())
     return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, groups)
 
 
@@ -117,7 +122,6 @@ class RingAttentionFunction(torch.autograd.Function):
         out, lse = compute() if cache is None else cache(compute)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.plan, ctx.kernel, ctx.groups = group, scale, plan, kernel, groups
-        ctx.backward_done = getattr(cache, "backward_done", None)
         return out
 
     @staticmethod
@@ -125,8 +129,6 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
                                             kernel=ctx.kernel, groups=ctx.groups)
-        if ctx.backward_done is not None:
-            ctx.backward_done()
         return None, dq, dk, dv, None, None, None, None, None
 
 
