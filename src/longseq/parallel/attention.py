@@ -33,6 +33,7 @@ from longseq.mesh import Mesh
 from longseq.parallel import kernels
 from longseq.parallel.balance import natural_order
 from longseq.parallel.documents import document_boundaries, is_single_document
+from longseq.parallel.head_groups import HeadGroups
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
@@ -168,7 +169,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
         if (mesh.ring > 1 or (sinks is not None and implementation in BLOCK_KERNELS)
                 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout))):
             out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
-                                   held.attention_cache, sinks)
+                                   held.attention_cache, sinks, _head_groups(held.memory))
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -202,7 +203,15 @@ def _local_sinks(sinks: torch.Tensor | None, mesh: Mesh, heads: int) -> torch.Te
     return sinks[first:first + heads]
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, sinks):
+def _head_groups(memory) -> HeadGroups:
+    """The head grouping MemoryConfig asks of the block kernels (Note [Attention head groups]); all heads in one call
+    without memory features."""
+    if memory is None:
+        return HeadGroups()
+    return HeadGroups(heads=memory.attention_heads_per_call, memory_mib=memory.attention_memory_mib)
+
+
+def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, sinks, groups):
     """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
     layer's attention cache (None outside a checkpointed layer), sliding window and sinks."""
     if dropout:
@@ -213,7 +222,7 @@ def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, 
     out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
                          boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache,
                          window=window if window is not None and window < q.shape[2] * mesh.ring else None,
-                         sinks=sinks)
+                         sinks=sinks, groups=groups)
     return out.transpose(1, 2)
 
 

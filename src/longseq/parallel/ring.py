@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from longseq.parallel.head_groups import ALL_HEADS, HeadGroups
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
 from longseq.parallel.sinks import merge_sink, sink_gradient
@@ -87,7 +88,7 @@ class _Run:
 
 def ring_attention(
     group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None,
-    window: int | None = None, sinks: torch.Tensor | None = None,
+    window: int | None = None, sinks: torch.Tensor | None = None, groups: HeadGroups = ALL_HEADS,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
@@ -102,6 +103,9 @@ def ring_attention(
         uses whatever pair it returns.
     window: sliding window w (query i sees key j when 0 <= i − j < w); None: full causal attention.
     sinks: (Hq,) attention-sink logits of these heads (Note [Attention sinks]), differentiable; None: no sinks.
+        If it has a method `backward_done()`, it is called once backward has used and released this call's saved
+        tensors (a hook on q's gradient; the cache then starts bringing back what the layer before needs).
+    groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
     ring_size = _ring_size(group)
@@ -115,34 +119,42 @@ def ring_attention(
                          f"({q.shape[1]},).")
     rank = 0 if group is None else dist.get_rank(group)
     plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank, window)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache, sinks)
+    if ring_size > 1:  # sent point to point, which needs dense tensors
+        k, v = k.contiguous(), v.contiguous()
+    done = getattr(cache, "backward_done", None)
+    if done is not None and q.requires_grad and torch.is_grad_enabled():
+        # Runs when q's gradient reaches q's own node: after this call's backward, whose saved tensors are gone then.
+        q.register_hook(lambda grad: done())
+    return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, sinks, groups)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, sinks):
+    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, sinks, groups):
         def compute():
-            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, sinks=sinks)
+            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, sinks=sinks,
+                                          groups=groups)
 
         out, lse = compute() if cache is None else cache(compute)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
+        ctx.group, ctx.scale, ctx.plan, ctx.kernel, ctx.groups = group, scale, plan, kernel, groups
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
-                                            kernel=ctx.kernel)
+                                            kernel=ctx.kernel, groups=ctx.groups)
         dsinks = sink_gradient(dout, out, lse, sinks) if ctx.needs_input_grad[8] else None
-        return None, dq, dk, dv, None, None, None, None, dsinks
+        return None, dq, dk, dv, None, None, None, None, dsinks, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa", sinks=None):
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa", sinks=None,
+                           groups: HeadGroups = ALL_HEADS):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring (and the
     sinks, if any)."""
     if _ring_size(group) == 1:
-        out, lse = _local_forward(q, k, v, scale, plan, kernel)
+        out, lse = _local_forward(q, k, v, scale, plan, kernel, groups)
         return (out, lse) if sinks is None else merge_sink(out, lse, sinks)
     ring = _Ring(group)
     steps = len(plan[0].steps)
@@ -151,7 +163,7 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
     for step in range(steps):
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         for rq, rk, call in _blocks(plan, step):
-            merge_(out[rq], lse[rq], *_call_forward(q[rq], held[0][rk], held[1][rk], call, scale, kernel))
+            merge_(out[rq], lse[rq], *_call_forward(q[rq], held[0][rk], held[1][rk], call, scale, kernel, groups))
         if pending is not None:
             held = _Ring.finish(pending)
     if sinks is not None:
@@ -160,11 +172,12 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
 
 
 def ring_attention_backward(
-    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa"
+    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa",
+    groups: HeadGroups = ALL_HEADS,
 ):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
     if _ring_size(group) == 1:
-        return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel)
+        return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel, groups)
     ring = _Ring(group)
     steps = len(plan[0].steps)
     acc = accumulation_dtype(q.dtype)
@@ -175,7 +188,7 @@ def ring_attention_backward(
         dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
         for rq, rk, call in _blocks(plan, step):
             gq, gk, gv = _call_backward(dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], call, scale,
-                                        kernel)
+                                        kernel, groups)
             dq[rq] += gq
             dk[rk] += gk
             dv[rk] += gv
@@ -190,18 +203,19 @@ def ring_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _call_forward(q, k, v, call: _Call, scale: float, kernel: str):
+def _call_forward(q, k, v, call: _Call, scale: float, kernel: str, groups: HeadGroups):
     if call.band is not None:
         return band_forward(q, k, v, offset=call.band[0], window=call.band[1], scale=scale)
-    return block_forward(q, k, v, causal=call.causal, scale=scale, kernel=kernel)
+    return block_forward(q, k, v, causal=call.causal, scale=scale, kernel=kernel, groups=groups)
 
 
-def _call_backward(dout, q, k, v, out, lse, call: _Call, scale: float, kernel: str, grad_dtype=None):
+def _call_backward(dout, q, k, v, out, lse, call: _Call, scale: float, kernel: str, groups: HeadGroups,
+                   grad_dtype=None):
     if call.band is not None:
         return band_backward(dout, q, k, v, out, lse, offset=call.band[0], window=call.band[1], scale=scale,
                              grad_dtype=grad_dtype)
     return block_backward(dout, q, k, v, out, lse, causal=call.causal, scale=scale, kernel=kernel,
-                          grad_dtype=grad_dtype)
+                          grad_dtype=grad_dtype, groups=groups)
 
 
 def _blocks(plan: list[_Run], step: int):
@@ -220,23 +234,23 @@ def _covered_by_one_call(plan: list[_Run]) -> bool:
     return len(plan) == 1 and len(first) == 1
 
 
-def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):  # one document per row: no copy either
-        return _call_forward(q, k, v, plan[0].steps[0][0], scale, kernel)
+        return _call_forward(q, k, v, plan[0].steps[0][0], scale, kernel, groups)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
     for rq, rk, call in _blocks(plan, 0):
-        out[rq], lse[rq] = _call_forward(q[rq], k[rk], v[rk], call, scale, kernel)
+        out[rq], lse[rq] = _call_forward(q[rq], k[rk], v[rk], call, scale, kernel, groups)
     return out, lse
 
 
-def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str):
+def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):
-        return _call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale, kernel, grad_dtype=q.dtype)
+        return _call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale, kernel, groups, grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     for rq, rk, call in _blocks(plan, 0):
         dq[rq], dk[rk], dv[rk] = _call_backward(dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], call, scale, kernel,
-                                                grad_dtype=q.dtype)
+                                                groups, grad_dtype=q.dtype)
     return dq, dk, dv
 
 
