@@ -83,12 +83,16 @@ class ParallelSection:
     """Data-parallel degree (None: world_size // sp)."""
     ring: int | None = None
     """Ring-attention degree inside sp (None: Ulysses as wide as the heads allow, ring for the rest)."""
+    linear_attention: str = "auto"
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid): heads (Ulysses), state (state passing) or auto."""
 
     def __post_init__(self) -> None:
         for name in ("sp", "dp", "ring"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"parallel.{name}={value} must be a positive integer (or unset).")
+        if self.linear_attention not in ("auto", "heads", "state"):
+            raise ConfigError(f"parallel.linear_attention={self.linear_attention!r}: choose auto, heads or state.")
 
 
 @dataclass(kw_only=True)

@@ -111,7 +111,7 @@ def build_engine(config: TrainConfig, mesh: Mesh, hf_config, vocab_size: int):
     """(model, optimizer, scheduler), ready to train on this rank; `hf_config` is model_config's result."""
     model = build_model(config.model, hf_config, config.training.seed, vocab_size)
     try:
-        longseq.apply(model, mesh, config.memory)
+        longseq.apply(model, mesh, config.memory, linear_attention=config.parallel.linear_attention)
     except ValueError as e:  # a model or attention the layout cannot run (e.g. flash kernels under ring attention)
         raise ConfigError(f"model: {e}") from e
     param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
