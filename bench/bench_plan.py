@@ -108,7 +108,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
             with LiveBytes() as live:
                 step()
             resident = sum(2 * p.numel() * p.element_size() for p in model.parameters())
-            result.update(gpu_gib=(live.device_peak + resident) / _GIB, host_gib=live.host_peak / _GIB)
+            result.update(gpu_gib=(live.peak + resident) / _GIB)
         else:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -122,8 +122,10 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
         result["oom"] = True
     stats = offload_stats(model) if memory.offload_checkpoints else None
     if stats is not None:
-        result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, attention_not_kept=stats.attention_not_kept,
-                      checkpoints_on_device=stats.checkpoints_on_device)
+        result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, arena_peak_gib=stats.arena_peak_bytes / _GIB,
+                      attention_not_kept=stats.attention_not_kept, checkpoints_on_device=stats.checkpoints_on_device)
+    if device == "cpu":  # the host: what the offloader's arena took (the process itself is not modelled there)
+        result["host_gib"] = result.get("arena_peak_gib", 0.0)
     return result
 
 
