@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from longseq.plan.card import available_cards
@@ -88,5 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as error:
         print(f"longseq plan: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(as_dict(result), indent=1, sort_keys=True) if args.json else table(result))
+    try:
+        print(json.dumps(as_dict(result), indent=1, sort_keys=True) if args.json else table(result), flush=True)
+    except BrokenPipeError:  # e.g. `longseq plan ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if result.fits else 1

@@ -10,37 +10,40 @@ GPU peak = fixed (weights, gradients, optimizer shards, FSDP2's unsharded layer,
            kept attention outputs: a·e + lse; layers without checkpoints: their whole saved set)
          + the working set of the moment: one layer's backward, or the loss.
 
-The working set of a layer's backward is largest inside the attention kernel's backward (figures: Llama-3.1-8B,
-one GPU, longseq's block kernels with the attention cache, KiB per token):
+A layer's backward has three large moments; for Llama-3.1-8B on one GPU at 128K with the defaults (the attention
+cache on the host, norms fused into their readers, attention kernels on 4 of the 32 heads per call), KiB per token:
 
-    residual-stream gradient                            H·e                 8
-    the layer's saved tensors, recomputed:
-      layer input (the restored checkpoint)             H·e                 8
-      normed input (q/k/v projections keep it)          H·e                 8
-      q; contiguous k and v                             a·e + 2k·e          8 + 4
-      attention output; log-sum-exp (fp32)              a·e + heads·4       8 + 0.125
-    prefetched for the next layer back: its checkpoint, its kept output      H·e + a·e + heads·4   16.1
-    gradient of the attention output (o_proj's input gradient)              a·e                 8
-    block_backward's dense copies: dout, q, out (cuDNN output has q's layout, which is the projection's)  3·a·e  24
-    K and V expanded to the query heads (GQA)            2·a·e              16
-    the kernel's dq, dk, dv (expanded)                   3·a·e              24
-    the kernel's workspace (fp32 dq accumulator)         4·a                16
-    rotary cos/sin, ids                                  2·head_dim·e + 24  0.5
-                                                                            ─────
-                                                                            148.8   (measured: 149)
+                                                       attention backward   after it (rotary backward)
+    residual-stream gradient                    H·e            8                    8
+    layer input (the restored checkpoint)       H·e            8                    8
+    q; k and v (saved by the attention)         a·e + 2k·e     8 + 4                –
+    attention output; log-sum-exp (restored)    a·e + heads·4  8.1                  8.1 (still held)
+    gradient of the attention output            a·e            8                    –
+    dq, dk, dv of all heads, filled by calls    a·e + 2k·e     12                   –
+    one call: K/V expanded, dq/dk/dv, workspace (2 + 3 + 2)·a·e/8  7                –
+    q/k/v projections' outputs                  a·e + 2k·e     –                    12 (still held)
+    rotary backward of q                        3·a·e          –                    24
+    normed input (made for the fused readers)   H·e            –                    8 (still held)
+    rotary cos/sin, ids                         2·d·e + 24     0.5                  0.5
+                                                               ─────                ─────
+                                                               63.6                 68.6
 
-Without the cache the one-GPU path is the model's own SDPA (flash, for GQA): no copies, no expansion of K and V,
-the kernel's dk/dv built per query head then summed, no prefetched output: 104.6 (measured: 105). What changes
-under Ulysses (q, k, v and the output arrive as dense exchange buffers, the o_proj input is a copy), ring (fp32
-accumulators for dq and the dk/dv travelling with K/V), packed documents (the kernel's buffers follow the
-longest document), untiled MLP (four I-wide intermediates kept, two more at its backward's peak), untiled norms (fp32
-copies of their inputs) and the loss (tile × V fp32 logits, or all of them untiled) is in the functions below;
-each term names the tensor it counts.
+The tensors marked "still held" were seen alive there in real steps on CPU (bench/live_bytes.py,
+tests/test_plan_measured.py); so were, after their backward, the kept output, input, q, k and v of layers keeping
+their attention output on the GPU, and under Ulysses the recompute's all-to-all buffers beside q, k, v on both
+sides of it. Without the cache the one-GPU path is the model's own SDPA (flash, for GQA: dk/dv per query head
+inside the kernel, and the checkpoint of the layer below already back): 96.6. Before issue 13 (dense copies of
+dout, q and out, all heads in one call, norm outputs kept, the previous checkpoint back one layer ahead) the same
+terms gave 148.8 and 104.6 against the 149 and 105 measured (GPU.md; commit b0d5f37). What changes under Ulysses,
+ring (fp32 accumulators for dq and the dk/dv travelling with K/V), packed documents (calls per document), untiled
+MLP (four I-wide intermediates kept, two more at its backward's peak), untiled norms (fp32 copies of their inputs)
+and the loss (tile × V fp32 logits, or all of them untiled) is in the functions below and attention.py; each term
+names the tensor it counts.
 
 Host per rank = the process itself + FSDP2's CPU-offloaded parameters, gradients and AdamW state (16 bytes per
-parameter on its shard) + offloaded checkpoints (H·e per token per offloaded layer) + kept attention outputs on
-the host (a·e + heads·4 per token per layer). CUDA's caching host allocator rounds each pinned block up to a power
-of two, so each offloaded tensor counts at its rounded size (the host budget counts it unrounded).
+parameter on its shard) + the offloader's arena (Note [Host arena]), which holds the offloaded checkpoints (H·e per
+token per offloaded layer, one per layers_per_checkpoint) and kept attention outputs (a·e + heads·4 per token per
+layer) in pages and grows by 1 GiB chunks within its budget.
 """
 
 from __future__ import annotations

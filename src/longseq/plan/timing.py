@@ -10,13 +10,17 @@ attention within documents of length d over sequences of length S:
     projections, MLP    2·s·P forward, twice that backward (once for frozen weights: no weight gradients), and the
                         forward again under checkpointing (the tiled MLP recomputes its tiles in backward even
                         without checkpointing), at gemm_tflops
-    tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums)
+    tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums); norms
+                        fused into their readers: the q/k/v projections' forward once more, and fused_norms_ns
+    segments            with layers_per_checkpoint k, k − 1 of a segment's k layers run forward once more in
+                        backward to rebuild their inputs (attention only where its output was not kept)
     Ulysses             each all-to-all (q, k, v out; the output back) moves (U−1)/U of its bytes, synchronously,
                         in forward, backward and again in the recompute
     ring                R−1 K/V exchanges per attention pass, R dk/dv exchanges in backward; each overlaps the
                         blocks of its ring step, so only the part longer than a step's compute shows
     offload             a layer's checkpoint and kept output go to the host on a side stream during its forward and
-                        come back during the backward of the layer above: only what outlasts that compute shows
+                        come back during the backward of the layer above (after its attention backward with
+                        prefetch_after_attention): only what outlasts that compute shows
     FSDP2               all-gathers (forward, backward) and reduce-scatters per layer, and with CPU offload the
                         shard's host↔device copies, overlap the layer's compute the same way
 
