@@ -1,12 +1,12 @@
 """The plan's predicted GPU peak, host peak and step time against measured ones, configuration by configuration.
 
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 79                        # one H200: every configuration
-    python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs longest      # the longest length, and 1.15× it
+    python -m bench.bench_plan --layers 8 --gpu-mem-gib 40 --configs longest      # the longest length, and 1.15× it
     python -m bench.bench_plan --device cpu                                       # CPU smoke run (tiny model)
 
-Each configuration runs in a fresh process (a clean allocator, pinned-host cache and peak RSS): the plan's own
+Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
 choice at two lengths, longseq's defaults, the cache off, checkpoints kept on the GPU, untiled MLP and norms, a
-length whose offloaded blocks are not powers of two (the pinned-memory rounding), and the plan's longest length
+length whose offloaded blocks are not powers of two (in the host arena's chunks), and the plan's longest length
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
@@ -41,7 +41,7 @@ CONFIGS = {
     "nocache-128k": (131072, 4096, {"cache_attention": False}),
     "gpu-checkpoints-64k": (65536, 2048, {"checkpoint_gpu_layers": 2, "attention_host_layers": _ALL_HOST}),
     "untiled-64k": (65536, 2048, {"tiled_mlp": False, "tiled_norms": False, "attention_host_layers": _ALL_HOST}),
-    "pinned-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
+    "arena-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
     "longest": (None, None, "longest"),
 }
 
