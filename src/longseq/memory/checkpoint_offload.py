@@ -197,7 +197,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     offloader = state.offloader
     with offloader.hooks(index):
         if offloader.layers_per_checkpoint > 1:
-            offloader.record_of(index).remember_call(index, plain, args, kwargs)
+            offloader.record_of(index).remember_call(index, self, args, kwargs)
         return checkpoint(functools.partial(plain, **kwargs), *args, use_reentrant=False,
                           context_fn=functools.partial(attention_phases, state, index))
 

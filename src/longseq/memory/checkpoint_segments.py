@@ -71,14 +71,16 @@ class Segment(CheckpointRecord):
         super().__init__(start, earlier)
         self.state, self.offloader, self.stop = state, offloader, stop
         self.first = None  # the packed input of layer `start`: a HostCopy, or the tensor where it stays
-        self.calls: dict[int, tuple] = {}  # layer index -> (forward, args after the input, kwargs, RNG states)
+        self.calls: dict[int, tuple] = {}  # layer index -> (layer, args after the input, kwargs, RNG states)
         self.inputs: dict[int, torch.Tensor] = {}  # layer index -> its rebuilt input, until its layer takes it
 
-    def remember_call(self, index: int, forward, args: tuple, kwargs: dict) -> None:
-        """How layer `index` was called in forward, for the rebuild (its first positional argument is its input)."""
+    def remember_call(self, index: int, layer, args: tuple, kwargs: dict) -> None:
+        """How layer `index` was called in forward, for the rebuild (its first positional argument is its input).
+        The rebuild calls the module itself, so hooks around its forward run as in forward (FSDP2 gathers its
+        parameters, which are sharded again while a later layer is in backward)."""
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        self.calls[index] = (forward, args[1:], kwargs, rng)
+        self.calls[index] = (layer, args[1:], kwargs, rng)
 
     def take(self, index: int) -> torch.Tensor:
         """Layer `index`'s input on the device, rebuilt from the segment's input where not already there."""
@@ -99,13 +101,13 @@ class Segment(CheckpointRecord):
 
     def _run(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Layer `index`'s forward again, without autograd, its attention replayed where kept."""
-        forward, args, kwargs, rng = self.calls[index]
+        layer, args, kwargs, rng = self.calls[index]
         kept, following = self.kept.get(index), self.kept.get(index + 1)
         if following is not None:
             following.prefetch()  # the next layer of the rebuild replays it next
         phase = AttentionPhase(self.state, kept, replay=True) if kept is not None else contextlib.nullcontext()
         with torch.no_grad(), _rng_as_in_forward(rng, x.device), phase:
-            out = forward(x, *args, **kwargs)
+            out = layer(x, *args, **kwargs)  # without autograd, longseq's layer wrapper runs the plain forward
         self.offloader.stats.layer_forwards_recomputed += 1
         return out[0] if isinstance(out, tuple) else out
 

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from longseq.parallel.head_groups import ALL_HEADS, HeadGroups, KVGradients, fold_heads
+from longseq.parallel.head_groups import ALL_HEADS, HeadCall, HeadGroups, KVGradients, fold_heads
 from longseq.parallel.local import expand_kv_to
 from longseq.parallel.merge import accumulation_dtype
 
@@ -54,11 +54,18 @@ def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa",
         return _sdpa("forward", q, *expand_kv_to(q, k, v), causal, scale)
     out, lse = torch.empty_like(q), None
     for call in calls:
-        call_out, call_lse = _sdpa("forward", q[:, call.q], *call.expand(k, v), causal, scale)
-        if lse is None:
-            lse = call_lse.new_empty(q.shape[:3])
-        out[:, call.q], lse[:, call.q] = call_out, call_lse
+        lse = _forward_call(call, q, k, v, causal, scale, out, lse)
     return out, lse
+
+
+def _forward_call(call: HeadCall, q, k, v, causal: bool, scale: float, out: torch.Tensor, lse):
+    """One call's heads of out and lse (lse made at the first call, in the dtype the op returns). A function of its
+    own, so that the call's buffers are freed before the next call makes its own."""
+    call_out, call_lse = _sdpa("forward", q[:, call.q], *call.expand(k, v), causal, scale)
+    if lse is None:
+        lse = call_lse.new_empty(q.shape[:3])
+    out[:, call.q], lse[:, call.q] = call_out, call_lse
+    return lse
 
 
 def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa", grad_dtype=None,
@@ -74,12 +81,18 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kerne
         return dq.to(acc), fold_heads(dk, k.shape[1], acc), fold_heads(dv, k.shape[1], acc)
     dq, kv_grads = torch.empty_like(q, dtype=acc), KVGradients(k, v, acc)
     for call in calls:
-        heads = (slice(None), call.q)
-        call_dq, call_dk, call_dv = _sdpa("backward", dout[heads], q[heads], *call.expand(k, v), out[heads],
-                                          lse[heads], causal, scale)
-        dq[heads] = call_dq
-        kv_grads.add(call, call_dk, call_dv)
+        _backward_call(call, dout, q, k, v, out, lse, causal, scale, dq, kv_grads)
     return dq, kv_grads.dk, kv_grads.dv
+
+
+def _backward_call(call: HeadCall, dout, q, k, v, out, lse, causal: bool, scale: float, dq: torch.Tensor,
+                   kv_grads: KVGradients) -> None:
+    """One call's heads of dq, dk, dv (a function of its own: the call's buffers go before the next call's)."""
+    heads = (slice(None), call.q)
+    call_dq, call_dk, call_dv = _sdpa("backward", dout[heads], q[heads], *call.expand(k, v), out[heads], lse[heads],
+                                      causal, scale)
+    dq[heads] = call_dq
+    kv_grads.add(call, call_dk, call_dv)
 
 
 def _sdpa(direction: str, *args):
