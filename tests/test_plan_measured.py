@@ -33,9 +33,10 @@ def tiny_problem(length: int, sp: int = 1, ring: int = 1, **workload) -> Problem
 
 
 def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 0.05, **problem_args) -> None:
-    """The measured peak (live tensors, and the weights and gradients made before) is the model's within 5% at each
-    length, and grows per token as the model's does within 5% (1% for most: the batch's own few bytes per token are
-    made before the measured step; the model's own SDPA is the loosest); on several ranks, the largest rank's. The offloader holds the model's host bytes exactly."""
+    """The measured peak (live tensors, and the weights and gradients made before) is the model's within
+    `tolerance` at each length, and grows per token as the model's does within 5% where the same moment peaks (1% for
+    most: the batch's own few bytes per token are made before the measured step; the model's own SDPA is the
+    loosest); on several ranks, the largest rank's. The offloader holds the model's host bytes exactly."""
     problems = [tiny_problem(n, **problem_args) for n in lengths]
     predicted = [footprint(p, choice) for p in problems]
     measured = [measure(p, choice, "cpu", mesh=mesh) for p in problems]
@@ -44,8 +45,8 @@ def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 
         peaks = [_largest_over_ranks(peak) for peak in peaks]
     for usage, peak in zip(predicted, peaks):
         assert usage.gpu.bytes == pytest.approx(peak, rel=tolerance), f"{usage.gpu.moment}: measured {peak}"
-    if predicted[0].gpu.moment.split(" of ")[0] != predicted[1].gpu.moment.split(" of ")[0]:
-        return  # a different moment peaks at each length: no per-token slope to compare
+    if mesh is not None or predicted[0].gpu.moment.split(" of ")[0] != predicted[1].gpu.moment.split(" of ")[0]:
+        return  # a different moment at each length, or gloo's timing (below): no per-token slope to compare
     tokens = [p.tokens for p in problems]
     slope = (peaks[1] - peaks[0]) / (tokens[1] - tokens[0])
     model = (predicted[1].gpu.bytes - predicted[0].gpu.bytes) / (tokens[1] - tokens[0])
@@ -83,8 +84,9 @@ def _sp_rank(ring: int) -> None:
     import longseq
 
     mesh = longseq.init_mesh(sp=2, ring=ring)
-    # On gloo an exchange's buffers sometimes outlive it (how long depends on the timing of its worker threads:
-    # one more q, k, v buffer, 12.5% more, was seen once on a loaded machine); the GPU's NCCL frees them in order.
+    # On gloo an exchange's buffers sometimes outlive it (how long depends on the timing of its worker threads: one
+    # more q, k, v buffer, 12.5% more, was seen on a loaded machine, at one length and not the other); the GPU's NCCL
+    # frees them in order. So the peaks are compared within 15%, and their growth per token not at all.
     compare(Choice(**TILED), lengths=(12288, 16384), mesh=mesh, tolerance=0.15, sp=2, ring=ring)
 
 

@@ -60,7 +60,8 @@ def moment_per_token(p: Problem, choice: Choice, moment: str) -> float:
     from longseq.plan.footprint import layer_moments
 
     choice = memory.effective(p, choice)
-    terms = layer_moments(p, choice, memory.widths(p, choice))[moment] + memory.global_terms(p, memory.widths(p, choice))
+    w = memory.widths(p, choice)
+    terms = layer_moments(p, choice, w)[moment] + memory.global_terms(p, w)
     return sum(t.per_token for t in terms)
 
 

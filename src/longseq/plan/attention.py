@@ -35,7 +35,8 @@ def kernel_call(w, heads: float, q_share: float, k_share: float) -> list[Term]:
     kv_grad = w.q if w.expand else w.kv
     terms = []
     if heads < 1:
-        terms.append(Term("dq, dk, dv of all heads, filled call by call", _G, acc * (w.q * q_share + 2 * w.kv * k_share)))
+        whole = acc * (w.q * q_share + 2 * w.kv * k_share)
+        terms.append(Term("dq, dk, dv of all heads, filled call by call", _G, whole))
     if not w.lse_dense or q_share < 1:
         terms.append(Term("log-sum-exp made dense", _G, w.lse * q_share * heads))
     copies = 2 * kv_grad * k_share * heads if w.expand or heads < 1 else 0.0

@@ -60,7 +60,8 @@ def layer_moments(problem: Problem, choice: Choice, w: memory.Widths) -> dict[st
                "attention backward": gradient + through + attention_backward(problem, choice, w),
                "after the attention backward": gradient + inputs + memory.after_attention(problem, choice, w)}
     if w.ulysses > 1 and choice.checkpointing:
-        layer_input = [t for t in through if t.name in ("layer input", "input RMSNorm: fp32 input copy and normed output")]
+        inputs_only = ("layer input", "input RMSNorm: fp32 input copy and normed output")
+        layer_input = [t for t in through if t.name in inputs_only]
         moments["recompute"] = gradient + layer_input + memory.ulysses_recompute(problem, choice, w)
     return moments
 
