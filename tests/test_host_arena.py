@@ -36,6 +36,15 @@ def test_pages_come_in_runs_and_go_back_merged():
     assert arena.free[0] == [(0, 4), (6, 6), (13, 3)]  # a and c merged with their free neighbours
 
 
+def test_an_empty_tensor_takes_no_pages_even_from_a_full_arena():
+    arena = _arena(16 * PAGE)
+    assert arena.allocate(16 * PAGE) == [Run(0, 0, 16)]  # full, and at its limit
+    assert arena.allocate(0) == []  # seen on CUDA (tests/gpu): an empty saved tensor failed in _take
+    x = torch.empty(0, 3)
+    copy = HostCopy(x, [], arena, None, OffloadStats())
+    assert copy.take(OffloadStats()).shape == (0, 3)
+
+
 def test_a_fragmented_arena_serves_a_large_copy_in_several_runs():
     arena = _arena(32 * PAGE)
     held = [arena.allocate(PAGE) for _ in range(32)]

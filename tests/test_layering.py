@@ -26,8 +26,8 @@ def test_parallel_depends_on_nothing_built_on_it():
 
 
 def test_ring_attention_depends_only_on_its_kernels_and_merge():
-    """(head_groups.py: how the kernels split their calls over heads, Note [Attention head groups].)"""
-    kernels = {"longseq.parallel.kernels", "longseq.parallel.merge", "longseq.parallel.local",
-               "longseq.parallel.head_groups"}
-    for name in ("ring.py", "kernels.py", "merge.py", "head_groups.py"):
-        assert _longseq_imports(SRC / "parallel" / name) <= kernels, name
+    allowed = {"longseq.parallel.kernels", "longseq.parallel.merge", "longseq.parallel.local",
+               "longseq.parallel.window", "longseq.parallel.sinks", "longseq.parallel.head_groups"}
+    for name in ("ring.py", "kernels.py", "merge.py", "window.py", "sinks.py", "head_groups.py"):
+        imports = _longseq_imports(SRC / "parallel" / name)
+        assert imports <= allowed, name

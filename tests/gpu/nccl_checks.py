@@ -1,5 +1,6 @@
 """Exactness of the CUDA/NCCL paths that CPU tests cannot reach: attention kernels, ring/Ulysses/hybrid over NCCL,
-and the memory features (pinned offload on a side stream), each against an unsharded fp32 reference.
+the memory features (pinned offload on a side stream) and Gated DeltaNet hybrids (linear_checks.py), each against an
+unsharded fp32 reference.
 
     python -m pytest -q tests/gpu                                   # what CI would run if it had GPUs (it skips)
     torchrun --nproc-per-node 4 -m tests.gpu.nccl_checks --record   # 4 GPUs (or 2: sp = the world size, ring sizes
@@ -26,6 +27,7 @@ from longseq.parallel.balance import portion_positions
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
+from tests.gpu.linear_checks import check_linear_attention
 
 def report(results: list[dict], name: str, error: float, tolerance: float, **extra) -> None:
     """Append one check's outcome to `results` and print it (rank 0, or the only process)."""
@@ -139,6 +141,7 @@ def check_meshes(results: list[dict]) -> None:
         if ring > 1:
             check_model(results, mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0),
                         attn="flex_attention")
+        check_linear_attention(results, mesh, report)
 
 
 def main() -> None:

@@ -47,3 +47,34 @@ def test_sequence_parallel_over_nccl_matches_unsharded(world, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert results and not failures(results), failures(results)
+
+
+@pytest.mark.parametrize("window", [None, 128, 700])
+def test_windows_and_sinks_on_cuda_kernels(window):
+    """Sliding windows (bands) and attention sinks on the CUDA block kernels, bf16, packed documents, GQA, one GPU,
+    against fp32 attention with an explicit mask and the sink as one more column (Note [Attention sinks])."""
+    from longseq.parallel.ring import ring_attention
+
+    torch.manual_seed(0)
+    length, starts = 2048, [0, 300, 301, 2048]
+    q, dout = (torch.randn(1, 8, length, 64, device="cuda") for _ in range(2))
+    k, v = (torch.randn(1, 2, length, 64, device="cuda") for _ in range(2))
+    sinks = torch.randn(8, device="cuda")
+    full = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    doc = torch.zeros(length, dtype=torch.long, device="cuda")
+    for start in starts[1:-1]:
+        doc[start:] += 1
+    pos = torch.arange(length, device="cuda")
+    distance = pos[:, None] - pos[None, :]
+    allowed = (distance >= 0) & (doc[:, None] == doc[None, :]) & (distance < (window or length))
+    scores = full[0] @ full[1].repeat_interleave(4, 1).transpose(-1, -2) * 0.125
+    scores = torch.cat([scores.masked_fill(~allowed, float("-inf")), full[3].view(1, 8, 1, 1).expand(1, 8, length, 1)],
+                       dim=-1)
+    ref = scores.softmax(-1)[..., :length] @ full[2].repeat_interleave(4, 1)
+    ref.backward(dout)
+    local = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)] + [sinks.detach().clone().requires_grad_()]
+    out = ring_attention(None, *local[:3], scale=0.125, boundaries=[starts], window=window, sinks=local[3])
+    out.backward(dout.bfloat16())
+    errors = [(out.float() - ref).abs().max().item()]
+    errors += [((a.grad.float() - b.grad).abs().max() / b.grad.abs().max()).item() for a, b in zip(local, full)]
+    assert max(errors) < 5e-2, errors

@@ -26,7 +26,9 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """This rank's slice of a batch of input_ids (B, S) with optional labels, position_ids, attention_mask.
 
     Returns input_ids, position_ids, shift_labels (and any other (B, S, ...) tensor) for this rank; tensors of
-    other shapes pass through unchanged. Feed the result to `longseq.causal_lm_loss` or `model(**batch)`.
+    other shapes pass through unchanged. Where some token is padding (added here, or zero in the given
+    attention_mask), also token_mask: True for the batch's own tokens (the router load-balancing loss counts only
+    those). Feed the result to `longseq.causal_lm_loss` or `model(**batch)`.
     """
     if "input_ids" not in batch:
         raise ValueError("shard_batch needs 'input_ids' of shape (batch, sequence).")
@@ -42,6 +44,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         )
     full = _full_batch(batch)
     padded = -(-length // pieces) * pieces
+    if padded > length and "token_mask" not in full:
+        full["token_mask"] = torch.ones(rows, length, dtype=torch.bool, device=input_ids.device)
     order = zigzag_order(padded, mesh.ring, device=input_ids.device)
     local = padded // mesh.sp
     mine = order[mesh.sp_rank * local:(mesh.sp_rank + 1) * local]
@@ -69,6 +73,7 @@ def _full_batch(batch: dict) -> dict:
                 "into full rows with position_ids restarting per document."
             )
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        full["token_mask"] = mask != 0
     if "position_ids" not in full:
         full["position_ids"] = torch.arange(length, device=input_ids.device).expand(rows, length)
     shift = torch.full_like(labels, IGNORE_INDEX)

@@ -69,6 +69,8 @@ class HostArena:
         """Runs of pages holding at least `nbytes`, or None where the limit leaves no room. Pages whose copies are
         still running are waited for before the arena grows."""
         need = self.pages(nbytes)
+        if need == 0:  # an empty tensor: nothing to hold (a full arena has no run to cut zero pages from)
+            return []
         self._reclaim_completed()
         while self._ready() + self._pending() < need:
             if not self._grow():

@@ -7,13 +7,16 @@ documents are read from position_ids instead (parallel/documents.py), once per f
 
 Dispatch, on the gathered sequence (in this order):
 1. longseq's block kernels (kernels.py, through ring.ring_attention over the ring group): when ring > 1 (on SDPA or
-   FlexAttention), and with SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half
-   precision on CUDA). With ring = 1 there is no ring at all: one causal block per document, no exchange. They
-   return the log-sum-exp, so the layer's output can be kept for backward: the attention function passes the
-   model's current attention cache (LongseqState.attention_cache) to them (Note [Attention output cache]).
+   FlexAttention), for layers with attention sinks (GPT-OSS's `s_aux`, Note [Attention sinks]) on either, and with
+   SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half precision on CUDA). With
+   ring = 1 there is no ring at all: one causal block per document, no exchange. Sliding windows cut the blocks
+   (Note [Sliding windows on blocks]). They return the log-sum-exp, so the layer's output can be kept for backward:
+   the attention function passes the model's current attention cache (LongseqState.attention_cache) to them
+   (Note [Attention output cache]).
 2. flex_attention: the model's FlexAttention with a BlockMask of causal, same-document (and sliding-window) blocks.
 3. sdpa (sliding windows, dropout, fp32 on CUDA): local.causal_attention, one SDPA call per document.
-4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document.
+4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document (and this rank's
+   heads' sinks, for the kernels transformers gives them to).
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ def check_implementation(implementation: str, ring: int) -> None:
             f"Ring attention runs on PyTorch's SDPA or FlexAttention kernels; load the model with "
             f"attn_implementation='sdpa' (or 'flex_attention') instead of {implementation!r}, or use pure Ulysses "
             "(longseq.init_mesh(sp=..., ring=1))."
+        )
+    _check_installed(implementation)
+
+
+def _check_installed(implementation: str) -> None:
+    """transformers' flash kernels need their package and a CUDA GPU; without them the forward would fail much later
+    (a function registered under the name by the user is theirs to judge)."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if (implementation in available and ALL_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_forward
+            and not available[implementation]()):
+        package = "flash-attn" if implementation == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+        raise ValueError(
+            f"attention={implementation!r} needs the {package} package and a CUDA GPU, and this environment lacks "
+            f"one of them: install it (pip install flash-attn) on a CUDA machine, or use attention='sdpa'."
         )
 
 
@@ -145,9 +165,11 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
         boundaries = documents(kwargs.get("position_ids"))
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
-        if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
+        sinks = _local_sinks(kwargs.get("s_aux"), mesh, q.shape[1])
+        if (mesh.ring > 1 or (sinks is not None and implementation in BLOCK_KERNELS)
+                or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout))):
             out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
-                                   held.attention_cache, _head_groups(held.memory))
+                                   held.attention_cache, sinks, _head_groups(held.memory))
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -157,7 +179,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
                                    dropout=dropout).transpose(1, 2)
         else:
             out, _ = inner(module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window,
-                           position_ids=_full_positions(boundaries, q.device))
+                           position_ids=_full_positions(boundaries, q.device), s_aux=sinks)
         return sequence_to_heads_split(mesh.ulysses_group, out), None
 
     name = f"longseq_sp_{next(_names)}"
@@ -173,6 +195,14 @@ def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> 
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
+def _local_sinks(sinks: torch.Tensor | None, mesh: Mesh, heads: int) -> torch.Tensor | None:
+    """The sink logits of the query heads this Ulysses rank holds after the exchange (heads are split in order)."""
+    if sinks is None or sinks.shape[0] == heads:
+        return sinks
+    first = mesh.ulysses_rank * heads
+    return sinks[first:first + heads]
+
+
 def _head_groups(memory) -> HeadGroups:
     """The head grouping MemoryConfig asks of the block kernels (Note [Attention head groups]); all heads in one call
     without memory features."""
@@ -181,19 +211,18 @@ def _head_groups(memory) -> HeadGroups:
     return HeadGroups(heads=memory.attention_heads_per_call, memory_mib=memory.attention_memory_mib)
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, groups):
+def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, sinks, groups):
     """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
-    layer's attention cache (None outside a checkpointed layer)."""
-    if window is not None and window < q.shape[2] * mesh.ring:
-        raise ValueError(
-            f"Ring attention does not support sliding-window layers (window {window} < sequence length "
-            f"{q.shape[2] * mesh.ring}); use pure Ulysses: longseq.init_mesh(sp=..., ring=1)."
-        )
+    layer's attention cache (None outside a checkpointed layer), sliding window and sinks."""
     if dropout:
-        raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
+        raise ValueError(
+            "Ring attention and attention sinks run on longseq's block kernels, which do not support attention "
+            "dropout; set attention_dropout=0 in the config (or evaluate with model.eval())."
+        )
     out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
                          boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache,
-                         groups=groups)
+                         window=window if window is not None and window < q.shape[2] * mesh.ring else None,
+                         sinks=sinks, groups=groups)
     return out.transpose(1, 2)
 
 

@@ -36,6 +36,10 @@ from that block alone (probabilities exp(q·kᵀ·scale − L), rowsum(dO·O)); 
 dq accumulates locally, and the fp32 dk/dv of the K/V a rank holds travel with them: received from r−1, increased by
 this rank's blocks, sent to r+1. After R steps they are back home. Forward: R−1 exchanges; backward: R−1 for K/V and
 R for dk/dv.
+
+Sliding windows cut blocks further (Note [Sliding windows on blocks], window.py): blocks out of reach are skipped,
+blocks the window cuts run as bands. A sink merges into the final (out, lse) like one more key (Note [Attention
+sinks], sinks.py).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ import torch.distributed as dist
 from longseq.parallel.head_groups import ALL_HEADS, HeadGroups
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
+from longseq.parallel.sinks import merge_sink, sink_gradient
+from longseq.parallel.window import band_backward, band_forward, window_cut
 
 _KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
 
@@ -68,6 +74,8 @@ class _Call:
     q: slice
     k: slice
     causal: bool
+    band: tuple[int, int] | None = None
+    """(offset, window) of a block a sliding window cuts (Note [Sliding windows on blocks]); None: no cut."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class _Run:
 
 def ring_attention(
     group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None,
-    groups: HeadGroups = ALL_HEADS,
+    window: int | None = None, sinks: torch.Tensor | None = None, groups: HeadGroups = ALL_HEADS,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
@@ -92,9 +100,11 @@ def ring_attention(
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
-        uses whatever pair it returns. If it has a method `backward_done()`, it is called once backward has used
-        and released this call's saved tensors (a hook on q's gradient; the cache then starts bringing back what the
-        layer before needs).
+        uses whatever pair it returns.
+    window: sliding window w (query i sees key j when 0 <= i − j < w); None: full causal attention.
+    sinks: (Hq,) attention-sink logits of these heads (Note [Attention sinks]), differentiable; None: no sinks.
+        If it has a method `backward_done()`, it is called once backward has used and released this call's saved
+        tensors (a hook on q's gradient; the cache then starts bringing back what the layer before needs).
     groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
@@ -102,41 +112,50 @@ def ring_attention(
     _check_inputs(q, k, v, ring_size, boundaries)
     if kernel not in KERNELS:
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
+    if window is not None and window < 1:
+        raise ValueError(f"ring_attention: window={window} must be a positive number of tokens (or None).")
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"ring_attention: sinks of shape {tuple(sinks.shape)} must hold one logit per query head "
+                         f"({q.shape[1]},).")
     rank = 0 if group is None else dist.get_rank(group)
-    plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
+    plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank, window)
     if ring_size > 1:  # sent point to point, which needs dense tensors
         k, v = k.contiguous(), v.contiguous()
     done = getattr(cache, "backward_done", None)
     if done is not None and q.requires_grad and torch.is_grad_enabled():
         # Runs when q's gradient reaches q's own node: after this call's backward, whose saved tensors are gone then.
         q.register_hook(lambda grad: done())
-    return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, groups)
+    return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, sinks, groups)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, groups):
+    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, sinks, groups):
         def compute():
-            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, groups=groups)
+            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, sinks=sinks,
+                                          groups=groups)
 
         out, lse = compute() if cache is None else cache(compute)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.group, ctx.scale, ctx.plan, ctx.kernel, ctx.groups = group, scale, plan, kernel, groups
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
                                             kernel=ctx.kernel, groups=ctx.groups)
-        return None, dq, dk, dv, None, None, None, None, None
+        dsinks = sink_gradient(dout, out, lse, sinks) if ctx.needs_input_grad[8] else None
+        return None, dq, dk, dv, None, None, None, None, dsinks, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa",
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa", sinks=None,
                            groups: HeadGroups = ALL_HEADS):
-    """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
+    """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring (and the
+    sinks, if any)."""
     if _ring_size(group) == 1:
-        return _local_forward(q, k, v, scale, plan, kernel, groups)
+        out, lse = _local_forward(q, k, v, scale, plan, kernel, groups)
+        return (out, lse) if sinks is None else merge_sink(out, lse, sinks)
     ring = _Ring(group)
     steps = len(plan[0].steps)
     out, lse = new_accumulators(q)
@@ -144,12 +163,11 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
     for step in range(steps):
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         for rq, rk, call in _blocks(plan, step):
-            block_out, block_lse = block_forward(
-                q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel, groups=groups
-            )
-            merge_(out[rq], lse[rq], block_out, block_lse)
+            merge_(out[rq], lse[rq], *_call_forward(q[rq], held[0][rk], held[1][rk], call, scale, kernel, groups))
         if pending is not None:
             held = _Ring.finish(pending)
+    if sinks is not None:
+        out, lse = merge_sink(out, lse, sinks)
     return out.to(q.dtype), lse
 
 
@@ -169,10 +187,8 @@ def ring_attention_backward(
         kv_pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
         for rq, rk, call in _blocks(plan, step):
-            gq, gk, gv = block_backward(
-                dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
-                kernel=kernel, groups=groups,
-            )
+            gq, gk, gv = _call_backward(dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], call, scale,
+                                        kernel, groups)
             dq[rq] += gq
             dk[rk] += gk
             dv[rk] += gv
@@ -185,6 +201,21 @@ def ring_attention_backward(
             held = _Ring.finish(kv_pending)
     dk, dv = _Ring.finish(grads_pending)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _call_forward(q, k, v, call: _Call, scale: float, kernel: str, groups: HeadGroups):
+    if call.band is not None:
+        return band_forward(q, k, v, offset=call.band[0], window=call.band[1], scale=scale)
+    return block_forward(q, k, v, causal=call.causal, scale=scale, kernel=kernel, groups=groups)
+
+
+def _call_backward(dout, q, k, v, out, lse, call: _Call, scale: float, kernel: str, groups: HeadGroups,
+                   grad_dtype=None):
+    if call.band is not None:
+        return band_backward(dout, q, k, v, out, lse, offset=call.band[0], window=call.band[1], scale=scale,
+                             grad_dtype=grad_dtype)
+    return block_backward(dout, q, k, v, out, lse, causal=call.causal, scale=scale, kernel=kernel,
+                          grad_dtype=grad_dtype, groups=groups)
 
 
 def _blocks(plan: list[_Run], step: int):
@@ -205,24 +236,21 @@ def _covered_by_one_call(plan: list[_Run]) -> bool:
 
 def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):  # one document per row: no copy either
-        return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel, groups=groups)
+        return _call_forward(q, k, v, plan[0].steps[0][0], scale, kernel, groups)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
-    for rq, rk, _ in _blocks(plan, 0):
-        out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel, groups=groups)
+    for rq, rk, call in _blocks(plan, 0):
+        out[rq], lse[rq] = _call_forward(q[rq], k[rk], v[rk], call, scale, kernel, groups)
     return out, lse
 
 
 def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):
-        return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype,
-                              groups=groups)
+        return _call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale, kernel, groups, grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    for rq, rk, _ in _blocks(plan, 0):
-        dq[rq], dk[rk], dv[rk] = block_backward(
-            dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
-            grad_dtype=q.dtype, groups=groups,
-        )
+    for rq, rk, call in _blocks(plan, 0):
+        dq[rq], dk[rk], dv[rk] = _call_backward(dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], call, scale, kernel,
+                                                groups, grad_dtype=q.dtype)
     return dq, dk, dv
 
 
@@ -254,24 +282,26 @@ def _ring_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _plan(boundaries, batch: int, local_len: int, ring_size: int, rank: int) -> list[_Run]:
+def _plan(boundaries, batch: int, local_len: int, ring_size: int, rank: int, window: int | None = None) -> list[_Run]:
     """Kernel calls per ring step, shared by the rows of each run of identical document layouts."""
     total = ring_size * local_len
     layouts = [(0, total)] * batch if boundaries is None else [tuple(row) for row in boundaries]
     runs, first = [], 0
     for row in range(1, batch + 1):
         if row == batch or layouts[row] != layouts[first]:
-            runs.append(_Run(slice(first, row), _run_steps(layouts[first], local_len, ring_size, rank)))
+            runs.append(_Run(slice(first, row), _run_steps(layouts[first], local_len, ring_size, rank, window)))
             first = row
     return runs
 
 
-def _run_steps(bounds, local_len: int, ring_size: int, rank: int) -> list[list[_Call]]:
+def _run_steps(bounds, local_len: int, ring_size: int, rank: int, window: int | None) -> list[list[_Call]]:
     mine = _chunks(ring_size, rank, local_len)
     steps = []
     for step in range(ring_size):
         held = _chunks(ring_size, (rank - step) % ring_size, local_len)
-        steps.append(_coalesce([call for qc in mine for kc in held for call in _pair_calls(bounds, qc, kc)]))
+        calls = [cut for qc in mine for kc in held for call in _pair_calls(bounds, qc, kc)
+                 if (cut := _in_window(call, qc, kc, window)) is not None]
+        steps.append(_coalesce(calls))
     return steps
 
 
@@ -302,6 +332,19 @@ def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[_Call]:
     return [_Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
 
 
+def _in_window(call: _Call, qc: _Chunk, kc: _Chunk, window: int | None) -> _Call | None:
+    """The call as the sliding window cuts it: skipped (None), whole, or a band (Note [Sliding windows on blocks])."""
+    if window is None:
+        return call
+    q0, k0 = qc.start + call.q.start - qc.local, kc.start + call.k.start - kc.local
+    cut = window_cut(q0, call.q.stop - call.q.start, k0, call.k.stop - call.k.start, call.causal, window)
+    if cut is None or cut == "whole":
+        return None if cut is None else call
+    q_stop, k_start, offset = cut
+    return _Call(slice(call.q.start, call.q.start + q_stop), slice(call.k.start + k_start, call.k.stop), False,
+                 (offset, window))
+
+
 def _segments(bounds, lo: int, hi: int):
     """The pieces [a, b) of documents that lie inside the token range [lo, hi)."""
     i = bisect.bisect_right(bounds, lo) - 1
@@ -315,7 +358,7 @@ def _coalesce(calls: list[_Call]) -> list[_Call]:
     joined: list[_Call] = []
     for call in calls:
         prev = joined[-1] if joined else None
-        if prev is not None and not prev.causal and not call.causal:
+        if prev is not None and not (prev.causal or call.causal or prev.band or call.band):
             if prev.k == call.k and prev.q.stop == call.q.start:
                 joined[-1] = _Call(slice(prev.q.start, call.q.stop), prev.k, False)
                 continue
