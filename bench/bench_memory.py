@@ -26,6 +26,7 @@ variant (also appended to bench/results/bench_memory.jsonl).
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 
@@ -167,6 +168,7 @@ def run(args, variant: str, label: str, fields: dict | None) -> dict:
                   **slopes(rows), **machine())
     write_record("bench_memory", record)
     del model, ballast
+    gc.collect()  # the model's wrapped forwards are bound methods of it: a cycle, freed only by the collector
     reset_peak()
     return record
 

@@ -149,7 +149,8 @@ def main() -> None:
             shapes = " ".join(row["shapes"][where]) if "shapes" in row else ""
             print(f"  {nbytes / 2**20:10.1f} MiB  {nbytes / row['length'] / 1024:7.2f} KiB/tok  "
                   f"x{row['counts'][where]:<4} {where} {shapes}")
-    record = dict(bench="memory_snapshot", shape=args.shape, layers=args.layers, memory=fields, rows=rows, **machine())
+    record = dict(bench="memory_snapshot", shape=args.shape, layers=args.layers, memory=fields, device=args.device,
+                  scale=args.scale, rows=rows, **machine())
     if len(rows) >= 2 and rows[0]["groups"]:
         a, b = rows[0], rows[-1]
         span = b["length"] - a["length"]

@@ -17,7 +17,8 @@ serves any later tensor, whatever lengths came before:
 The arena grows by a chunk when its free pages do not suffice, never beyond its limit (the host budget, Note [Host
 budget]); a request past it is refused and the tensor stays on the GPU. So the pinned footprint is the most that was
 ever live, rounded up to a chunk, and at most the budget: repeating, growing and shrinking lengths add nothing to it.
-Chunk sizes are powers of two, which the caching host allocator serves without rounding. Pages freed while a copy
+Chunk sizes are powers of two, which the caching host allocator serves without rounding (it rounds every request up
+to one: ATen/core/CachingHostAllocator.h). Pages freed while a copy
 on the side stream may still use them wait for an event recorded on that stream before they are handed out again.
 Without CUDA the chunks are ordinary host memory and nothing waits: the same allocation logic, which is how it is
 tested (tests/test_host_arena.py).

@@ -108,8 +108,12 @@ class KVGradients:
             self.dk[:, call.kv] = fold_heads(gk, kv_heads, self.dtype)
             self.dv[:, call.kv] = fold_heads(gv, kv_heads, self.dtype)
             return
-        sums = [g.sum(1, keepdim=True, dtype=torch.promote_types(g.dtype, torch.float32)) for g in (gk, gv)]
-        self.partial = sums if self.partial is None else [p.add_(s) for p, s in zip(self.partial, sums)]
+        acc = torch.promote_types(gk.dtype, torch.float32)
+        if self.partial is None:
+            self.partial = [gk.sum(1, keepdim=True, dtype=acc), gv.sum(1, keepdim=True, dtype=acc)]
+        else:  # one sum at a time beside the running ones
+            self.partial[0].add_(gk.sum(1, keepdim=True, dtype=acc))
+            self.partial[1].add_(gv.sum(1, keepdim=True, dtype=acc))
         if call.last:
             self.dk[:, call.kv], self.dv[:, call.kv] = self.partial
             self.partial = None
