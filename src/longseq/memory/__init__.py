@@ -7,6 +7,7 @@
     checkpoint_offload.py  Note [Checkpoint offload]: every decoder layer checkpointed, its input in host memory
     checkpoint_segments.py Note [Checkpoint segments]: one offloaded input per k layers, the others rebuilt
     attention_cache.py     Note [Attention output cache]: attention outputs kept from forward for the recompute
+    rotary.py              Note [Lean rotary backward]: the rotary embedding's gradient without three q-sized temporaries
     host_budget.py         Note [Host budget]: how much host memory the offloader may fill
     host_arena.py          Note [Host arena]: the pinned pages every host copy lives in, never past the budget
     host_copy.py           a tensor's host copy and its way back (used by the offload and the cache)
@@ -19,7 +20,9 @@ Order: apply_memory wraps the `forward` of each decoder layer and MLP instance, 
 class's, or one an earlier wrapper installed). Apply it after the attention is set up (sequence-parallel
 attention registered through transformers' attention interface runs inside the layer's forward, so it is
 checkpointed and recomputed with it) and before `fully_shard`, whose hooks live in `__call__`, outside the
-checkpoint and the tiles.
+checkpoint and the tiles. The lean rotary embedding is no wrapper: it replaces `apply_rotary_pos_emb` in the
+model's modeling module (process-wide, and only where it gives that function's results exactly), whatever the
+config, since it costs nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from longseq.memory.checkpoint_offload import apply_checkpoint_offload, offload_
 from longseq.memory.config import MemoryConfig
 from longseq.memory.host_budget import reserve_host_memory
 from longseq.memory.host_copy import OffloadStats
+from longseq.memory.rotary import install_lean_rotary
 from longseq.memory.tiled import apply_tiled_mlp, apply_tiled_norms, tiled
 from longseq.memory.tiled_loss import lm_head_cross_entropy_sum, tiled_cross_entropy_sum
 
@@ -40,6 +44,7 @@ def apply_memory(model: nn.Module, config: MemoryConfig) -> nn.Module:
     argument (lm_head_cross_entropy_sum; longseq.apply's loss passes it)."""
     if config.expandable_segments:
         configure_allocator()
+    install_lean_rotary(model)
     if config.tiled_mlp:
         apply_tiled_mlp(model, config)
     if config.tiled_norms:
@@ -57,6 +62,7 @@ __all__ = [
     "apply_tiled_mlp",
     "apply_tiled_norms",
     "configure_allocator",
+    "install_lean_rotary",
     "lm_head_cross_entropy_sum",
     "offload_stats",
     "reserve_host_memory",
