@@ -20,10 +20,15 @@ and LeanRotary computes exactly that: dx = g*cos (the one x-sized tensor, which 
 of positions, t = g*sin of one half and dx's other half += t (or -= t). It is bitwise autograd's result: each
 product is the same op on the same operands in the same dtype, rounded once; autograd's sum adds each product to
 zeros in the other half, and x + 0 = x exactly (up to the sign of a zero, which torch.equal and every later op treat
-alike), so what it computes per element is also one rounded addition of the same two rounded values, and
-a + (-b) = a - b exactly. No fused multiply-add is used (addcmul would round once instead of twice and differ).
-The transient is one chunk's half-product (_CHUNK_BYTES), not the tensor. Forward is transformers' own expression,
-so its values and layout are unchanged; only cos and sin are saved (as autograd's mul saves them; x is not).
+alike), so what it computes per element is also one rounded addition of the same two rounded values (in bf16 the
+same kernel: both operands widened to fp32, added, rounded), and a + (-b) = a - b exactly. No fused multiply-add is
+used: addcmul would round once instead of twice and differ. The forward is built the same way, y = x*cos, then
+y[:h] -= x[h:]*sin[:h] and y[h:] += x[:h]*sin[h:] by chunks: transformers' q*cos + rotate_half(q)*sin rounds the
+same products (round(-a*b) = -round(a*b): rounding to nearest is symmetric) and adds them once; so the recompute's
+forward also holds x's size and a chunk, not three times x's size, and y has the layout x*cos has in transformers'
+expression. The gradient takes g's layout (autograd's sum is contiguous): the same values, and for q as a
+transposed view of its projection, no copy in the view's backward. The transient is one chunk's half-product
+(_CHUNK_BYTES), not the tensor. Only cos and sin are saved (as autograd's mul saves them; x is not).
 
 Where cos or sin needs a gradient, their dtype differs from x's, or their width is not x's (partial rotary), the
 model's own function runs: the lean one covers exactly the standard form, and install_lean_rotary checks that
@@ -61,29 +66,32 @@ class LeanRotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin, chunk_bytes):
         ctx.save_for_backward(cos, sin)
         ctx.chunk_bytes = chunk_bytes
-        return _rotate(x, cos, sin)
+        return _rotate_by_chunks(x, cos, sin, chunk_bytes, sign=1)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _lean_backward(grad, cos, sin, ctx.chunk_bytes), None, None, None
+        return _rotate_by_chunks(grad, cos, sin, ctx.chunk_bytes, sign=-1), None, None, None
 
 
-def _lean_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """dx = g*cos; dx[:h] += g[h:]*sin[h:]; dx[h:] -= g[:h]*sin[:h], the products one chunk at a time along the
-    longest leading dimension (the sequence)."""
-    half = grad.shape[-1] // 2
-    dx = grad * cos
-    dim = max(range(grad.dim() - 1), key=lambda d: grad.shape[d])
-    sin = sin.expand_as(grad)
-    row_bytes = grad[..., :half].numel() // max(grad.shape[dim], 1) * grad.element_size()
+def _rotate_by_chunks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk_bytes: int,
+                      sign: int) -> torch.Tensor:
+    """sign=1, the rotation (forward): y = x*cos; y[:h] -= x[h:]*sin[:h]; y[h:] += x[:h]*sin[h:].
+    sign=-1, its transpose (backward): y = x*cos; y[:h] += x[h:]*sin[h:]; y[h:] -= x[:h]*sin[:h].
+    The products one chunk at a time along x's longest leading dimension (the sequence)."""
+    half = x.shape[-1] // 2
+    y = x * cos
+    dim = max(range(x.dim() - 1), key=lambda d: x.shape[d])
+    sin = sin.expand_as(x)
+    row_bytes = x[..., :half].numel() // max(x.shape[dim], 1) * x.element_size()
     step = max(1, chunk_bytes // max(row_bytes, 1))
-    for start in range(0, grad.shape[dim], step):
-        n = min(step, grad.shape[dim] - start)
-        g, s, d = (t.narrow(dim, start, n) for t in (grad, sin, dx))
-        d[..., :half].add_(g[..., half:] * s[..., half:])
-        d[..., half:].sub_(g[..., :half] * s[..., :half])
-    return dx
+    for start in range(0, x.shape[dim], step):
+        n = min(step, x.shape[dim] - start)
+        xs, s, ys = (t.narrow(dim, start, n) for t in (x, sin, y))
+        low_sin, high_sin = (s[..., :half], s[..., half:]) if sign == 1 else (s[..., half:], s[..., :half])
+        ys[..., :half].add_(xs[..., half:] * low_sin, alpha=-sign)
+        ys[..., half:].add_(xs[..., :half] * high_sin, alpha=sign)
+    return y
 
 
 def lean_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

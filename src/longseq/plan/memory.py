@@ -22,11 +22,15 @@ cache on the host, norms fused into their readers, attention kernels on 4 of the
     dq, dk, dv of all heads, filled by calls    a·e + 2k·e     12                   –
     one call: K/V expanded, dq/dk/dv, workspace (2 + 3 + 2)·a·e/8  7                –
     q/k/v projections' outputs                  a·e + 2k·e     –                    12 (still held)
-    rotary backward of q                        3·a·e          –                    24
+    rotary backward of q: its gradient          a·e            –                    8 (+ a 64 MiB chunk)
     normed input (made for the fused readers)   H·e            –                    8 (still held)
     rotary cos/sin, ids                         2·d·e + 24     0.5                  0.5
                                                                ─────                ─────
-                                                               63.6                 68.6
+                                                               63.6                 52.6
+
+(At 256K the kernel calls take 2 heads each: 60.1 at the attention backward.) Autograd's own rotary backward held
+three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device call 22 measured); longseq's makes the
+gradient alone, a chunk's product beside it (Note [Lean rotary backward], memory/rotary.py).
 
 The tensors marked "still held" were seen alive there in real steps on CPU (bench/live_bytes.py,
 tests/test_plan_measured.py); so were, after their backward, the kept output, input, q, k and v of layers keeping
@@ -56,6 +60,7 @@ from longseq.plan.terms import Term
 
 _MIB = 2**20
 _VOCAB_CHUNK = 8192  # memory/tiled_loss: fp32 weight-gradient products per vocabulary chunk
+_ROTARY_CHUNK = 64 << 20  # memory/rotary._CHUNK_BYTES: one chunk's half-product in the rotary backward
 
 
 
@@ -152,10 +157,14 @@ ATTENTION_SAVED = ("q", "k and v")  # what the attention backward releases of it
 def after_attention(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     """Once the attention backward is done, in the rotary embedding's backward: the attention output and lse are
     still held, so are the q/k/v projections' outputs and the normed input (even with norms fused), and the
-    gradient of q is made from three q-sized products (cos, sin, the rotation undone). Seen with
-    bench/live_bytes.py; the attention's own input gradients are gone by then."""
+    gradient of q is made as one q-sized tensor, with one chunk's half-product beside it (Note [Lean rotary
+    backward]; autograd's own backward made three q-sized products). Seen with bench/live_bytes.py; the
+    attention's own input gradients are gone by then."""
     g = "after the attention backward"
-    terms = [Term("q/k/v projections' outputs", g, w.q + 2 * w.kv), Term("rotary backward of q", g, 3 * w.q)]
+    chunk = min(_ROTARY_CHUNK, problem.tokens * w.q / 2)
+    terms = [Term("q/k/v projections' outputs", g, w.q + 2 * w.kv),
+             Term("rotary backward of q: its gradient", g, w.q),
+             Term("rotary backward of q: one chunk's half-product", g, fixed=chunk)]
     if choice.tiled_norms and choice.fuse_norms:
         terms.append(Term("normed input (made for the fused projections)", g, w.hidden))
     return terms
