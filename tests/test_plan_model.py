@@ -10,12 +10,14 @@ import json
 import pytest
 import transformers
 
+from longseq.plan import memory
 from longseq.plan.card import card_from_json, card_to_json, load_card
 from longseq.plan.choice import Choice
 from longseq.plan.errors import PlanError
 from longseq.plan.footprint import arena_bytes, footprint
 from longseq.plan.problem import Layout, Machine, Problem, Workload
 from longseq.plan.shapes import SHAPES, load_shape, shape_from_config
+from longseq.plan.terms import Term
 from longseq.plan.timing import layer_flops, step_time
 
 KIB, GIB = 1024, 2**30
@@ -47,16 +49,15 @@ def slope(p: Problem, choice: Choice, a: int, b: int) -> float:
 # gradient 8 KiB; saved x, q 8 each, k+v 4, out 8, lse 128 B; dout 8; dq, dk, dv of all heads 12; per call (1/8 of
 # the heads) K/V expanded 2, the kernel's dq/dk/dv 3, its workspace 2; cos/sin 512 B and ids 24 B.
 HAND_8B_ATTENTION = 8192 + (3 * 8192 + 4096 + 128) + 8192 + 12288 + 2048 + 3072 + 2048 + 512 + 24
-# After it (the rotary backward): the gradient, x, out and lse still held, the projections' outputs (8 + 4), three
-# q-sized rotary products, the normed input: the step's peak.
-HAND_8B_AFTER = 8192 + 8192 + 8192 + 128 + 12288 + 3 * 8192 + 8192 + 512 + 24
+# After it (the rotary backward): the gradient, x, out and lse still held, the projections' outputs (8 + 4), q's
+# gradient (Note [Lean rotary backward]; a 64 MiB chunk's product, not per token), the normed input.
+HAND_8B_AFTER = 8192 + 8192 + 8192 + 128 + 12288 + 8192 + 8192 + 512 + 24
 # Without the cache (the model's own SDPA, flash): the checkpoint of the layer below is back already; the kernel's
 # dq, dk, dv (8 + 2 + 2), per-query-head dk/dv (16) and workspace (16).
 HAND_8B_SDPA = 8192 + (3 * 8192 + 4096 + 128) + 8192 + 8192 + 12288 + 16384 + 16384 + 512 + 24
 
 
 def moment_per_token(p: Problem, choice: Choice, moment: str) -> float:
-    from longseq.plan import memory
     from longseq.plan.footprint import layer_moments
 
     choice = memory.effective(p, choice)
@@ -69,14 +70,21 @@ def test_attention_terms_hand_checked():
     p = problem()
     assert moment_per_token(p, ALL_HOST, "attention backward") == HAND_8B_ATTENTION
     assert moment_per_token(p, ALL_HOST, "after the attention backward") == HAND_8B_AFTER
-    assert per_token(p, ALL_HOST) == HAND_8B_AFTER
-    assert footprint(p, ALL_HOST).gpu.moment == "after the attention backward of layer 0"
+    assert per_token(p.with_length(262144), ALL_HOST) < HAND_8B_ATTENTION  # 2 heads per call there
+    assert footprint(p.with_length(262144), ALL_HOST).gpu.moment == "attention backward of layer 0"
     assert per_token(p, Choice(cache_attention=False)) == HAND_8B_SDPA
 
 
-def test_reproduces_the_records_of_the_current_code():
-    """Device call 22 (1×H200, main 9764749, issue 13's code): bench_memory's `all` (longseq's defaults), 8B shape,
-    8 layers, bf16 weights and gradients resident, 79 GiB cap; and 2 layers with 30 layers' ballast at 512K."""
+def autograd_rotary_backward(problem, w, group):
+    """q's gradient as autograd's backward of q*cos + rotate_half(q)*sin makes it: three q-sized products."""
+    return [Term("rotary backward of q (autograd's)", group, 3 * w.q)]
+
+
+def test_reproduces_the_records_of_call_22(monkeypatch):
+    """Device call 22 (1×H200, main 9764749, issue 13's code before the lean rotary backward, so with autograd's):
+    bench_memory's `all` (longseq's defaults), 8B shape, 8 layers, bf16 weights and gradients resident, 79 GiB cap;
+    and 2 layers with 30 layers' ballast at 512K."""
+    monkeypatch.setattr(memory, "rotary_backward", autograd_rotary_backward)
     measured = {65536: 14.245, 131072: 19.060, 262144: 27.643}
     model = {n: footprint(problem(length=n, layers=8), ALL_HOST).gpu.bytes / GIB for n in measured}
     for n in (131072, 262144):

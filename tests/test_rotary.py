@@ -64,7 +64,7 @@ def test_bitwise_equal_to_transformers(dtype, chunk_positions):
     got = _run(lean, q, k, cos, sin, dq_out, dk_out)
     for name, a, b in zip(("q_embed", "k_embed", "dq", "dk"), got, want):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b), name
-    assert got[0].stride() == want[0].stride() and got[1].stride() == want[1].stride()
+    assert all(a.stride() == b.stride() for a, b in zip(got, want))
 
 
 def test_layout_unsqueeze_dim_2_and_fallbacks():
@@ -94,7 +94,7 @@ def test_forward_and_backward_hold_one_tensor_of_q_size_not_three():
     chunk = 64 * 2 * 8 * 32 * 4  # 64 positions of q's half
 
     def peaks(fn) -> tuple[int, int]:
-        x = q.clone().requires_grad_()
+        x = q.contiguous().requires_grad_()  # as its gradient is: no copy into the leaf's layout
         with LiveBytes() as forward:
             out = fn(x)
         with LiveBytes() as backward:
@@ -159,3 +159,22 @@ def test_whole_model_with_memory_features_equals_transformers(untouched, family)
     got.backward()
     torch.testing.assert_close(got, want)
     assert_grads_equal(reference, model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_model_with_the_lean_rotary_alone_is_bitwise_transformers(untouched, family, dtype):
+    """Only the rotary installed (chunks of 7 positions): loss and every gradient bitwise the untouched model's."""
+    reference = tiny_model(family, num_hidden_layers=2).to(dtype)
+    ids = batch(61, rows=2)["input_ids"]
+    want = reference(ids, labels=ids).loss
+    want.backward()
+    model = copy.deepcopy(reference)
+    model.zero_grad(set_to_none=True)
+    untouched.setattr(rotary, "_CHUNK_BYTES", 7 * 2 * 4 * 8 * 4)
+    assert install_lean_rotary(model) == [f"transformers.models.{family}.modeling_{family}"]
+    got = model(ids, labels=ids).loss
+    got.backward()
+    assert torch.equal(got, want)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad), name

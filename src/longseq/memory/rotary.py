@@ -26,8 +26,9 @@ used: addcmul would round once instead of twice and differ. The forward is built
 y[:h] -= x[h:]*sin[:h] and y[h:] += x[:h]*sin[h:] by chunks: transformers' q*cos + rotate_half(q)*sin rounds the
 same products (round(-a*b) = -round(a*b): rounding to nearest is symmetric) and adds them once; so the recompute's
 forward also holds x's size and a chunk, not three times x's size, and y has the layout x*cos has in transformers'
-expression. The gradient takes g's layout (autograd's sum is contiguous): the same values, and for q as a
-transposed view of its projection, no copy in the view's backward. The transient is one chunk's half-product
+expression. The gradient is contiguous like autograd's sum (whose first addend is a slice's zero-filled gradient):
+what follows reduces over it in the same order (a q/k RMSNorm's weight gradient sums over positions and heads; in
+another layout it would sum in another order and differ in the last bit). The transient is one chunk's half-product
 (_CHUNK_BYTES), not the tensor. Only cos and sin are saved (as autograd's mul saves them; x is not).
 
 Where cos or sin needs a gradient, their dtype differs from x's, or their width is not x's (partial rotary), the
@@ -77,10 +78,11 @@ class LeanRotary(torch.autograd.Function):
 def _rotate_by_chunks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk_bytes: int,
                       sign: int) -> torch.Tensor:
     """sign=1, the rotation (forward): y = x*cos; y[:h] -= x[h:]*sin[:h]; y[h:] += x[:h]*sin[h:].
-    sign=-1, its transpose (backward): y = x*cos; y[:h] += x[h:]*sin[h:]; y[h:] -= x[:h]*sin[:h].
+    sign=-1, its transpose (backward): y = x*cos; y[:h] += x[h:]*sin[h:]; y[h:] -= x[:h]*sin[:h]; y contiguous, as
+    autograd's sum is (its first addend is a slice's zero-filled gradient).
     The products one chunk at a time along x's longest leading dimension (the sequence)."""
     half = x.shape[-1] // 2
-    y = x * cos
+    y = x * cos if sign == 1 else torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     dim = max(range(x.dim() - 1), key=lambda d: x.shape[d])
     sin = sin.expand_as(x)
     row_bytes = x[..., :half].numel() // max(x.shape[dim], 1) * x.element_size()

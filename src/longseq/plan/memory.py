@@ -161,13 +161,17 @@ def after_attention(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     backward]; autograd's own backward made three q-sized products). Seen with bench/live_bytes.py; the
     attention's own input gradients are gone by then."""
     g = "after the attention backward"
-    chunk = min(_ROTARY_CHUNK, problem.tokens * w.q / 2)
-    terms = [Term("q/k/v projections' outputs", g, w.q + 2 * w.kv),
-             Term("rotary backward of q: its gradient", g, w.q),
-             Term("rotary backward of q: one chunk's half-product", g, fixed=chunk)]
+    terms = [Term("q/k/v projections' outputs", g, w.q + 2 * w.kv), *rotary_backward(problem, w, g)]
     if choice.tiled_norms and choice.fuse_norms:
         terms.append(Term("normed input (made for the fused projections)", g, w.hidden))
     return terms
+
+
+def rotary_backward(problem: Problem, w: Widths, group: str) -> list[Term]:
+    """q's gradient made as one q-sized tensor with one chunk's half-product beside it (memory/rotary.py)."""
+    chunk = min(_ROTARY_CHUNK, problem.tokens * w.q / 2)
+    return [Term("rotary backward of q: its gradient", group, w.q),
+            Term("rotary backward of q: one chunk's half-product", group, fixed=chunk)]
 
 
 def ulysses_recompute(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
