@@ -17,6 +17,7 @@ from longseq.loss import LossConfig, cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm, has_attention_sinks
+from longseq.models.auto_memory import AutoMemory, install_auto_memory
 from longseq.models.moe import apply_experts, new_router_load
 from longseq.models.hybrid import apply_linear_attention, refuse_unshardable_mixers
 from longseq.parallel.attention import register_attention
@@ -24,9 +25,12 @@ from longseq.router_loss import global_router_loss
 from longseq.state import LongseqState, attach_state
 
 
-def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None,
-          loss: LossConfig | None = None, linear_attention: str = "auto"):
+def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | AutoMemory | str | None = None, *,
+          attention: str | None = None, loss: LossConfig | None = None, linear_attention: str = "auto"):
     """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
+
+    memory: a MemoryConfig (those features, always), "auto" or an AutoMemory (the planner's choice for each batch
+    shape, Note [Automatic memory]; longseq.memory_config_in_use(model) tells which), or None (none).
 
     attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
     model was loaded with. 'sdpa' also serves classes that transformers won't load with it (Gemma-2) once their
@@ -47,6 +51,12 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     mesh = mesh or Mesh()
     if mesh.sp > 1:
         refuse_unshardable_mixers(causal)
+    auto = AutoMemory() if memory == "auto" else memory if isinstance(memory, AutoMemory) else None
+    if isinstance(memory, str) and auto is None:
+        raise ValueError(f"longseq.apply(memory={memory!r}): pass 'auto', an AutoMemory, a MemoryConfig or None.")
+    if auto is not None:
+        memory = auto.installed()
+        install_auto_memory(causal, state, auto)
     routed = apply_experts(causal, state, memory) is not None
     if mesh.sp > 1 or _runs_longseq_attention(causal, memory, attention or causal.config._attn_implementation):
         config = causal.config

@@ -161,8 +161,10 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
                 raise ValueError("Generation with a KV cache does not run sequence-parallel; generate with a model "
                                  "that longseq.apply did not shard (or load the trained weights into a plain one).")
             return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         boundaries = documents(kwargs.get("position_ids"))
+        if _runs_own_sdpa(mesh, implementation, held.memory, boundaries, kwargs.get("s_aux")):
+            return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
         sinks = _local_sinks(kwargs.get("s_aux"), mesh, q.shape[1])
@@ -186,6 +188,16 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
     AttentionInterface.register(name, attention)
     state.attention = name
     return name
+
+
+def _runs_own_sdpa(mesh: Mesh, implementation: str, memory, boundaries, sinks) -> bool:
+    """On one GPU, the model's own SDPA (causal, no mask) serves a batch of one document per row whose attention
+    outputs are not kept: what a plain model runs. Only `longseq.apply(..., "auto")` reaches this with such a batch
+    (an explicit MemoryConfig installs longseq's attention on one GPU only to keep outputs, or for sinks), when the
+    plan for the batch's shape keeps no outputs (Note [Automatic memory] in models/auto_memory.py)."""
+    keeps = memory is not None and memory.offload_checkpoints and memory.cache_attention
+    return (mesh.sp == 1 and implementation == "sdpa" and sinks is None and not keeps
+            and is_single_document(boundaries))
 
 
 def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> bool:
