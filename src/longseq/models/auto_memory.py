@@ -58,11 +58,13 @@ class AutoMemory:
     """'full', 'lora' or 'forward-backward' (plan/problem.py Workload.training); None: from the model (infer_training)."""
     fsdp_cpu_offload: bool = False
     """training='full': whether FSDP2 keeps the sharded state on the host (the trainer's training.cpu_offload)."""
+    compute_dtype: torch.dtype | None = None
+    """The dtype activations are computed in (the trainer's mixed precision); None: the input embeddings' dtype."""
     overrides: dict
-    """MemoryConfig fields forced to these values."""
+    """MemoryConfig fields forced to these values (offload_min_bytes is planned with)."""
 
     def __init__(self, *, machine: Machine | None = None, training: str | None = None, fsdp_cpu_offload: bool = False,
-                 **overrides):
+                 compute_dtype: torch.dtype | None = None, **overrides):
         unknown = sorted(set(overrides) - set(_FIELDS))
         if unknown:
             raise ValueError(f"AutoMemory({', '.join(unknown)}=...): not MemoryConfig fields; overrides are any of "
@@ -72,6 +74,7 @@ class AutoMemory:
                              "infer it from the model.")
         MemoryConfig(**overrides)  # checks the values
         self.machine, self.training, self.fsdp_cpu_offload = machine, training, fsdp_cpu_offload
+        self.compute_dtype = compute_dtype
         self.overrides = dict(overrides)
 
     def installed(self) -> MemoryConfig:
@@ -108,6 +111,8 @@ class AutoPlanner:
         self.state, self.config, self.auto = state, causal.config, auto
         self.machine = resolve_machine(auto.machine)
         self.training = auto.training or infer_training(causal)
+        dtype = auto.compute_dtype or causal.get_input_embeddings().weight.dtype
+        self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
         self.plans: dict[tuple, MemoryConfig | PlanError] = {}
         self.key: tuple | None = None
 
@@ -137,7 +142,7 @@ class AutoPlanner:
             self.plans[key] = self._plan(key)
         chosen = self.plans[key]
         if isinstance(chosen, PlanError):
-            raise chosen
+            raise PlanError(str(chosen)) from None
         live = self.state.memory
         for name in _FIELDS:
             setattr(live, name, getattr(chosen, name))
@@ -149,8 +154,9 @@ class AutoPlanner:
         batch, length, longest = key
         try:
             chosen = plan_for(self.config, self.state.mesh, (batch, length), self.machine, training=self.training,
-                              longest_document=longest, fsdp_cpu_offload=self.auto.fsdp_cpu_offload
-                              if self.training == "full" else None)
+                              longest_document=longest, dtype_bytes=self.dtype_bytes,
+                              fsdp_cpu_offload=self.auto.fsdp_cpu_offload if self.training == "full" else None,
+                              offload_min_bytes=self.state.memory.offload_min_bytes)
         except PlanError as error:
             return PlanError(f"longseq.apply(..., 'auto'): {error}")
         return dataclasses.replace(chosen, **self.auto.overrides)
