@@ -59,6 +59,12 @@ def _host_total() -> int | None:
     return _meminfo_bytes("/proc/meminfo", "MemTotal")
 
 
+def host_total_gib() -> float:
+    """MemTotal in GiB (64 where /proc/meminfo is missing: not Linux)."""
+    total = _host_total()
+    return total / 2**30 if total is not None else 64.0
+
+
 def _resident_bytes() -> int:
     """This process's resident memory (VmRSS, pinned pages included), bytes."""
     return _meminfo_bytes("/proc/self/status", "VmRSS") or 0
