@@ -55,7 +55,8 @@ class AutoMemory:
     machine: Machine | None = None
     """The GPU and host to plan for (longseq.plan.machine_for(...)); None: detect_machine() (CUDA only)."""
     training: str | None = None
-    """'full', 'lora' or 'forward-backward' (plan/problem.py Workload.training); None: from the model (infer_training)."""
+    """'full', 'lora' or 'forward-backward' (plan/problem.py Workload.training); None: from the model
+    (infer_training)."""
     fsdp_cpu_offload: bool = False
     """training='full': whether FSDP2 keeps the sharded state on the host (the trainer's training.cpu_offload)."""
     compute_dtype: torch.dtype | None = None
