@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import longseq
+from longseq.state import longseq_state
 from tests.distributed import run_distributed
 from tests.models import batch, tiny_model
 from tests.test_ulysses import compare
@@ -22,7 +23,12 @@ def _layouts(sp: int, ring: int, overrides: dict):
     assert (mesh.ulysses, mesh.ring) == (sp // ring, ring)
     for case in CASES:
         compare(tiny_model("llama", **overrides), batch(**case), mesh)
-    compare(tiny_model("qwen3", num_key_value_heads=1), batch(**CASES[1]), mesh)
+    model = tiny_model("qwen3", num_key_value_heads=1)
+    compare(model, batch(**CASES[1]), mesh)
+    # The packed rows ran in Note [Document placement] (the loss path), the logits in zigzag (their gather).
+    assert longseq_state(model).documents.layouts is None
+    longseq.causal_lm_loss(model, longseq.shard_batch(batch(**CASES[1]), mesh), mesh)
+    assert len(longseq_state(model).documents.layouts) == 2
 
 
 @pytest.mark.parametrize("sp,ring", [(2, 2), (4, 4), (4, 2)])

@@ -25,7 +25,8 @@ def test_parallel_depends_on_nothing_built_on_it():
             assert not name.startswith(("longseq.memory", "longseq.models", "longseq.train")), (path.name, name)
 
 
-def test_ring_attention_depends_only_on_its_kernels_and_merge():
-    for name in ("ring.py", "kernels.py", "merge.py"):
+def test_ring_attention_depends_only_on_its_kernels_placement_and_merge():
+    for name in ("ring.py", "kernels.py", "varlen.py", "merge.py", "balance.py"):
         imports = _longseq_imports(SRC / "parallel" / name)
-        assert imports <= {"longseq.parallel.kernels", "longseq.parallel.merge", "longseq.parallel.local"}, name
+        assert imports <= {"longseq.parallel.kernels", "longseq.parallel.varlen", "longseq.parallel.merge",
+                           "longseq.parallel.local", "longseq.parallel.balance"}, name

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
-from longseq.parallel.balance import natural_order, zigzag_order
+from longseq.parallel.balance import Layout, document_layout, layout_order, natural_order, zigzag_order
+from longseq.parallel.documents import document_boundaries, is_single_document
 
 
 def slices_per_row(mesh: Mesh) -> int:
@@ -119,3 +120,24 @@ def gather_sequence(local: torch.Tensor, mesh: Mesh, length: int | None = None) 
     permuted = torch.cat(pieces, dim=1)
     natural = natural_order(permuted, mesh.ring)
     return natural if length is None else natural[:, :length]
+
+
+def place_documents(tokens: dict[str, torch.Tensor], mesh: Mesh) -> tuple[dict, list[list[int]], list[Layout] | None]:
+    """Move this rank's (B, s) token tensors from zigzag to Note [Document placement] (balance.py).
+
+    tokens: this rank's slices from shard_batch, among them position_ids. Returns the same keys holding this rank's
+    tokens of the new placement (same shapes), the rows' document boundaries, and their layouts (None: every row is
+    one document, zigzag already balances it, and nothing moved).
+    """
+    names = list(tokens)
+    local = torch.stack([tokens[name].long() for name in names], dim=-1)
+    full = gather_sequence(local, mesh)
+    boundaries = document_boundaries(full[..., names.index("position_ids")])
+    if mesh.ring == 1 or is_single_document(boundaries):
+        return tokens, boundaries, None
+    layouts = [document_layout(row, mesh.ring) for row in boundaries]
+    s = local.shape[1]
+    first = mesh.ring_rank * s * mesh.ulysses + mesh.ulysses_rank * s
+    index = torch.stack([layout_order(layout)[first:first + s] for layout in layouts]).to(full.device)
+    placed = full.gather(1, index.unsqueeze(-1).expand(-1, -1, len(names)))
+    return {name: placed[..., i].to(tokens[name].dtype) for i, name in enumerate(names)}, boundaries, layouts

@@ -11,6 +11,7 @@ import types
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from longseq.data.shard import place_documents
 from longseq.loss import cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
@@ -86,11 +87,32 @@ def _make_forward(original):
         if shift_labels is None:
             return original(*args, **kwargs)
         state: LongseqState = self._longseq
+        if not args:
+            kwargs, shift_labels = _place_documents(state, kwargs, shift_labels)
         hidden = self.get_decoder()(*args, **kwargs)[0]
         loss_sum, count = _loss_sum(self, hidden, shift_labels, state.memory)
         return CausalLMOutputWithPast(loss=global_mean(loss_sum, count, state.mesh, longseq_num_tokens))
 
     return forward
+
+
+def _place_documents(state: LongseqState, kwargs: dict, shift_labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """With a ring, move the batch's tokens to Note [Document placement] (the loss does not depend on which rank
+    holds a token). Left in zigzag: without a ring, or with other per-token inputs than input_ids and position_ids
+    (e.g. inputs_embeds), which would have to move too."""
+    mesh = state.mesh
+    position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+    if mesh is None or mesh.ring == 1 or state.documents is None or position_ids is None or input_ids is None:
+        return kwargs, shift_labels
+    per_token = {name for name, value in kwargs.items()
+                 if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape}
+    mask = kwargs.get("attention_mask")
+    if per_token - {"input_ids", "position_ids", "attention_mask"} or (mask is not None and not bool(mask.all())):
+        return kwargs, shift_labels
+    tokens = {"input_ids": input_ids, "position_ids": position_ids, "shift_labels": shift_labels}
+    placed, boundaries, layouts = place_documents(tokens, mesh)
+    state.documents.place(placed["position_ids"], boundaries, layouts)
+    return {**kwargs, "input_ids": placed["input_ids"], "position_ids": placed["position_ids"]}, placed["shift_labels"]
 
 
 def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None):

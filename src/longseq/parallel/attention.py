@@ -68,6 +68,14 @@ class Documents:
         self._key = None
         self._boundaries = None
         self._block_masks = {}
+        self.layouts = None
+        """Per row, the ring layout of the current position_ids (Note [Document placement]); None: zigzag."""
+
+    def place(self, position_ids: torch.Tensor, boundaries: list[list[int]], layouts) -> None:
+        """Record the documents and layouts of position_ids that data.shard.place_documents has placed: the layers
+        of this forward pass (and their recompute in backward) read them instead of gathering."""
+        self._key = (position_ids, position_ids._version)
+        self._boundaries, self.layouts, self._block_masks = boundaries, layouts, {}
 
     def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
         if position_ids is None:
@@ -80,6 +88,7 @@ class Documents:
             self._boundaries = document_boundaries(self._gather(position_ids))
             self._key = key
             self._block_masks = {}
+            self.layouts = None
         return self._boundaries
 
     def block_mask(self, window: int | None, length: int, device):
@@ -145,8 +154,8 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
         if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
-            out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
-                                   held.attention_cache)
+            out = _block_attention(mesh, q, k, v, scale, boundaries, documents.layouts, window, dropout,
+                                   BLOCK_KERNELS[implementation], held.attention_cache)
         elif implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
@@ -172,9 +181,9 @@ def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> 
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache):
-    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
-    layer's attention cache (None outside a checkpointed layer)."""
+def _block_attention(mesh, q, k, v, scale, boundaries, layouts, window, dropout, kernel, cache):
+    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring) in the rows'
+    ring layouts (None: zigzag), with the layer's attention cache (None outside a checkpointed layer)."""
     if window is not None and window < q.shape[2] * mesh.ring:
         raise ValueError(
             f"Ring attention does not support sliding-window layers (window {window} < sequence length "
@@ -183,7 +192,8 @@ def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, 
     if dropout:
         raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
     out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
-                         boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache)
+                         boundaries=None if is_single_document(boundaries) else boundaries, layouts=layouts,
+                         kernel=kernel, cache=cache)
     return out.transpose(1, 2)
 
 

@@ -41,52 +41,53 @@ R for dk/dv.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from longseq.parallel.balance import Layout, zigzag_layout
 from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
+from longseq.parallel.varlen import Call, Group, group_calls, item_backward, item_forward
 
 _KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    index: int  # global chunk number
-    local: int  # offset in this rank's portion
     start: int  # global token offset
+    local: int  # offset in its rank's portion
     length: int
 
-
-@dataclass(frozen=True)
-class _Call:
-    """One kernel call: local q positions × held k positions."""
-
-    q: slice
-    k: slice
-    causal: bool
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 @dataclass(frozen=True)
 class _Run:
-    """Consecutive batch rows with the same documents, and their kernel calls per ring step."""
+    """Consecutive batch rows with the same documents and layout, and their kernel calls per ring step."""
 
     rows: slice
-    steps: list[list[_Call]]
+    steps: tuple[tuple[Call | Group, ...], ...]
 
 
 def ring_attention(
-    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None
+    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, layouts: list[Layout] | None = None,
+    kernel: str = "sdpa", cache=None,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
     q: (B, Hq, S_local, D); k, v: (B, Hkv, S_local, D) with Hq % Hkv == 0 (GQA), all in the zigzag layout of
-    balance.py (ring rank r holds global chunks r and 2R−1−r of the full sequence of length S = R · S_local).
+    balance.py (ring rank r holds global chunks r and 2R−1−r of the full sequence of length S = R · S_local), or in
+    the given `layouts`.
     group: the ring's process group; None means no ring (R = 1, plain local causal attention).
     boundaries: per batch row, global document start offsets plus S at the end (documents.document_boundaries of the
         FULL sequence's position_ids); None = one causal document per row.
+    layouts: per batch row, the chunks of the full row each ring rank holds, in local order (balance.Layout, e.g.
+        Note [Document placement]); None = zigzag.
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
@@ -94,11 +95,11 @@ def ring_attention(
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
     ring_size = _ring_size(group)
-    _check_inputs(q, k, v, ring_size, boundaries)
+    _check_inputs(q, k, v, ring_size, boundaries, layouts)
     if kernel not in KERNELS:
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
     rank = 0 if group is None else dist.get_rank(group)
-    plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank)
+    plan = _plan(boundaries, layouts, q.shape[0], q.shape[2], ring_size, rank)
     return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
 
 
@@ -121,7 +122,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return None, dq, dk, dv, None, None, None, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa"):
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: tuple[_Run, ...], kernel: str = "sdpa"):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
     if _ring_size(group) == 1:
         return _local_forward(q, k, v, scale, plan, kernel)
@@ -131,18 +132,16 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
     held = (k, v)
     for step in range(steps):
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
-        for rq, rk, call in _blocks(plan, step):
-            block_out, block_lse = block_forward(
-                q[rq], held[0][rk], held[1][rk], causal=call.causal, scale=scale, kernel=kernel
-            )
-            merge_(out[rq], lse[rq], block_out, block_lse)
+        for rows, item in _items(plan, step):
+            for iq, block_out, block_lse in item_forward(q, *held, rows, item, scale=scale, kernel=kernel):
+                merge_(out[iq], lse[iq], block_out, block_lse)
         if pending is not None:
             held = _Ring.finish(pending)
     return out.to(q.dtype), lse
 
 
 def ring_attention_backward(
-    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa"
+    group, dout, q, k, v, out, lse, *, scale: float, plan: tuple[_Run, ...], kernel: str = "sdpa"
 ):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
     if _ring_size(group) == 1:
@@ -155,14 +154,11 @@ def ring_attention_backward(
     for step in range(steps):
         kv_pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
-        for rq, rk, call in _blocks(plan, step):
-            gq, gk, gv = block_backward(
-                dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], causal=call.causal, scale=scale,
-                kernel=kernel,
-            )
-            dq[rq] += gq
-            dk[rk] += gk
-            dv[rk] += gv
+        for rows, item in _items(plan, step):
+            for iq, ik, gq, gk, gv in item_backward(dout, q, *held, out, lse, rows, item, scale=scale, kernel=kernel):
+                dq[iq] += gq
+                dk[ik] += gk
+                dv[ik] += gv
         if grads_pending is not None:  # the dk/dv of these K/V from the ranks before us
             earlier = _Ring.finish(grads_pending)
             dk += earlier[0]
@@ -174,41 +170,42 @@ def ring_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _blocks(plan: list[_Run], step: int):
-    """(q index, held-k index, call) of every kernel call of a ring step: rows of a run × the call's positions."""
+def _items(plan: tuple[_Run, ...], step: int):
+    """(batch rows, kernel call or group) of every item of a ring step."""
     for run in plan:
-        for call in run.steps[step]:
-            yield (run.rows, slice(None), call.q), (run.rows, slice(None), call.k), call
+        for item in run.steps[step]:
+            yield run.rows, item
 
 
 # Without a ring (R = 1) the kernel calls of a run cover each query and key position exactly once (one causal square
 # per document), so results are written in place: no merge, no fp32 accumulators (at long lengths those would cost
 # 3 × 4 bytes per head dimension per token).
 
-def _covered_by_one_call(plan: list[_Run]) -> bool:
+def _covered_by_one_call(plan: tuple[_Run, ...]) -> bool:
     (first,) = plan[0].steps
-    return len(plan) == 1 and len(first) == 1
+    return len(plan) == 1 and len(first) == 1 and isinstance(first[0], Call)
 
 
-def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str):
+def _local_forward(q, k, v, scale: float, plan: tuple[_Run, ...], kernel: str):
     if _covered_by_one_call(plan):  # one document per row: no copy either
         return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
-    out = torch.empty_like(q)
+    # Laid out as (B, S, H, D) like the model's own projections, so the caller's transpose back is free.
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
-    for rq, rk, _ in _blocks(plan, 0):
-        out[rq], lse[rq] = block_forward(q[rq], k[rk], v[rk], causal=True, scale=scale, kernel=kernel)
+    for rows, item in _items(plan, 0):
+        for iq, block_out, block_lse in item_forward(q, k, v, rows, item, scale=scale, kernel=kernel):
+            out[iq], lse[iq] = block_out, block_lse
     return out, lse
 
 
-def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str):
+def _local_backward(dout, q, k, v, out, lse, scale: float, plan: tuple[_Run, ...], kernel: str):
     if _covered_by_one_call(plan):
         return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    for rq, rk, _ in _blocks(plan, 0):
-        dq[rq], dk[rk], dv[rk] = block_backward(
-            dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], causal=True, scale=scale, kernel=kernel,
-            grad_dtype=q.dtype,
-        )
+    for rows, item in _items(plan, 0):
+        for iq, ik, gq, gk, gv in item_backward(dout, q, k, v, out, lse, rows, item, scale=scale, kernel=kernel,
+                                                grad_dtype=q.dtype):
+            dq[iq], dk[ik], dv[ik] = gq, gk, gv
     return dq, dk, dv
 
 
@@ -240,52 +237,76 @@ def _ring_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _plan(boundaries, batch: int, local_len: int, ring_size: int, rank: int) -> list[_Run]:
-    """Kernel calls per ring step, shared by the rows of each run of identical document layouts."""
+def _plan(boundaries, layouts, batch: int, local_len: int, ring_size: int, rank: int) -> tuple[_Run, ...]:
+    """Kernel calls per ring step, shared by the rows of each run of identical documents and layouts."""
     total = ring_size * local_len
-    layouts = [(0, total)] * batch if boundaries is None else [tuple(row) for row in boundaries]
+    bounds = ((0, total),) * batch if boundaries is None else tuple(tuple(row) for row in boundaries)
+    rows_layouts = (None,) * batch if layouts is None else tuple(layouts)
+    return _cached_plan(bounds, rows_layouts, local_len, ring_size, rank)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(bounds, layouts, local_len: int, ring_size: int, rank: int) -> tuple[_Run, ...]:
+    """Every layer of a forward pass asks for the same plan: it is computed once."""
+    keys = [(b, layout or zigzag_layout(local_len * ring_size, ring_size)) for b, layout in zip(bounds, layouts)]
     runs, first = [], 0
-    for row in range(1, batch + 1):
-        if row == batch or layouts[row] != layouts[first]:
-            runs.append(_Run(slice(first, row), _run_steps(layouts[first], local_len, ring_size, rank)))
+    for row in range(1, len(keys) + 1):
+        if row == len(keys) or keys[row] != keys[first]:
+            runs.append(_Run(slice(first, row), _run_steps(*keys[first], ring_size, rank)))
             first = row
-    return runs
+    return tuple(runs)
 
 
-def _run_steps(bounds, local_len: int, ring_size: int, rank: int) -> list[list[_Call]]:
-    mine = _chunks(ring_size, rank, local_len)
+def _run_steps(bounds, layout: Layout, ring_size: int, rank: int) -> tuple[tuple[Call | Group, ...], ...]:
+    mine = _chunks(layout[rank])
     steps = []
     for step in range(ring_size):
-        held = _chunks(ring_size, (rank - step) % ring_size, local_len)
-        steps.append(_coalesce([call for qc in mine for kc in held for call in _pair_calls(bounds, qc, kc)]))
-    return steps
+        held = _chunks(layout[(rank - step) % ring_size])
+        ends = [c.end for c in held]
+        calls = [call for qc in mine for call in _chunk_calls(bounds, qc, held, ends)]
+        steps.append(tuple(group_calls(_coalesce(calls))))
+    return tuple(steps)
 
 
-def _chunks(ring_size: int, rank: int, local_len: int) -> tuple[_Chunk, ...]:
-    if ring_size == 1:
-        return (_Chunk(0, 0, 0, local_len),)
-    half, late = local_len // 2, 2 * ring_size - 1 - rank
-    return _Chunk(rank, 0, rank * half, half), _Chunk(late, half, late * half, half)
+def _chunks(portion) -> tuple[_Chunk, ...]:
+    """A portion's chunks with their local offsets, sorted by global start."""
+    chunks, local = [], 0
+    for start, length in portion:
+        chunks.append(_Chunk(start, local, length))
+        local += length
+    return tuple(sorted(chunks, key=lambda c: c.start))
 
 
-def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[_Call]:
+def _chunk_calls(bounds, qc: _Chunk, held: tuple[_Chunk, ...], ends: list[int]) -> list[Call]:
+    """The kernel calls of q chunk `qc` against the held k chunks (sorted by start, `ends` their ends) that can reach
+    it: those ending inside or after the document holding qc's first token, and starting no later than qc."""
+    doc_start = bounds[bisect.bisect_right(bounds, qc.start) - 1]
+    first = bisect.bisect_right(ends, doc_start)
+    calls = []
+    for kc in held[first:]:
+        if kc.start > qc.start:
+            break
+        calls += _pair_calls(bounds, qc, kc)
+    return calls
+
+
+def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[Call]:
     """The kernel calls of one (q chunk, k chunk) block under the documents `bounds`; see Note [Ring attention]."""
-    if kc.index > qc.index:
+    if kc.start > qc.start:
         return []
-    if kc.index == qc.index:
+    if kc.start == qc.start:
         return [
-            _Call(slice(qc.local + a - qc.start, qc.local + b - qc.start),
-                  slice(kc.local + a - kc.start, kc.local + b - kc.start), True)
-            for a, b in _segments(bounds, qc.start, qc.start + qc.length)
+            Call(slice(qc.local + a - qc.start, qc.local + b - qc.start),
+                 slice(kc.local + a - kc.start, kc.local + b - kc.start), True)
+            for a, b in _segments(bounds, qc.start, qc.end)
         ]
-    k_end = kc.start + kc.length
-    doc = bisect.bisect_right(bounds, k_end - 1) - 1
+    doc = bisect.bisect_right(bounds, kc.end - 1) - 1
     doc_start, doc_end = bounds[doc], bounds[doc + 1]
     if doc_end <= qc.start:
         return []
-    q_len = min(doc_end, qc.start + qc.length) - qc.start
+    q_len = min(doc_end, qc.end) - qc.start
     k_from = max(doc_start, kc.start) - kc.start
-    return [_Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
+    return [Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
 
 
 def _segments(bounds, lo: int, hi: int):
@@ -296,23 +317,23 @@ def _segments(bounds, lo: int, hi: int):
         i += 1
 
 
-def _coalesce(calls: list[_Call]) -> list[_Call]:
+def _coalesce(calls: list[Call]) -> list[Call]:
     """Join neighbouring full blocks that share their q or k range into one kernel call."""
-    joined: list[_Call] = []
+    joined: list[Call] = []
     for call in calls:
         prev = joined[-1] if joined else None
         if prev is not None and not prev.causal and not call.causal:
             if prev.k == call.k and prev.q.stop == call.q.start:
-                joined[-1] = _Call(slice(prev.q.start, call.q.stop), prev.k, False)
+                joined[-1] = Call(slice(prev.q.start, call.q.stop), prev.k, False)
                 continue
             if prev.q == call.q and prev.k.stop == call.k.start:
-                joined[-1] = _Call(prev.q, slice(prev.k.start, call.k.stop), False)
+                joined[-1] = Call(prev.q, slice(prev.k.start, call.k.stop), False)
                 continue
         joined.append(call)
     return joined
 
 
-def _check_inputs(q, k, v, ring_size: int, boundaries) -> None:
+def _check_inputs(q, k, v, ring_size: int, boundaries, layouts) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
             f"ring_attention: expected q (B, Hq, S_local, D) and k, v (B, Hkv, S_local, D) of one shape, got "
@@ -329,13 +350,31 @@ def _check_inputs(q, k, v, ring_size: int, boundaries) -> None:
             f"ring_attention: Hq = {heads} query heads is not a multiple of Hkv = {k.shape[1]} key/value heads; "
             "GQA needs Hq % Hkv == 0 (check num_attention_heads and num_key_value_heads)."
         )
-    if ring_size > 1 and local_len % 2:
+    if ring_size > 1 and local_len % 2 and layouts is None:
         raise ValueError(
             f"ring_attention: S_local = {local_len} is odd, but the zigzag layout gives every rank two equal chunks. "
             f"Pad the full sequence to a multiple of 2·R = {2 * ring_size} tokens before sharding (balance.py)."
         )
     if boundaries is not None:
         _check_boundaries(boundaries, batch, ring_size, local_len)
+    if layouts is not None:
+        _check_layouts(layouts, batch, ring_size, local_len)
+
+
+def _check_layouts(layouts, batch: int, ring_size: int, local_len: int) -> None:
+    if len(layouts) != batch or any(len(layout) != ring_size for layout in layouts):
+        raise ValueError(
+            f"ring_attention: layouts must hold one layout per batch row ({batch}) with one portion per ring rank "
+            f"({ring_size}); got {len(layouts)} rows. Build them with balance.document_layout."
+        )
+    for i, layout in enumerate(layouts):
+        covered = sorted(chunk for portion in layout for chunk in portion)
+        if any(sum(n for _, n in portion) != local_len for portion in layout) or \
+                any(a[0] + a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[0][0] != 0:
+            raise ValueError(
+                f"ring_attention: layouts[{i}] does not give every ring rank S_local = {local_len} tokens of one "
+                "row without gaps or overlaps; build it with balance.document_layout from the row's boundaries."
+            )
 
 
 def _check_boundaries(boundaries, batch: int, ring_size: int, local_len: int) -> None:
