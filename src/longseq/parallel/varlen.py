@@ -26,6 +26,7 @@ call and its backward mis-sizes buffers for ragged input (fixed in later release
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -144,11 +145,18 @@ def _refuse(error: RuntimeError) -> None:
 
 
 def _cumulative(group: Group, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    q_lengths = [c.q.stop - c.q.start for c in group.calls]
-    k_lengths = [c.k.stop - c.k.start for c in group.calls]
-    bounds = torch.tensor([[0, 0]] + list(zip(q_lengths, k_lengths)), dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    bounds = bounds.to(device, non_blocking=True)
-    return bounds[:, 0].contiguous(), bounds[:, 1].contiguous(), max(q_lengths), max(k_lengths)
+    q_lengths = tuple(c.q.stop - c.q.start for c in group.calls)
+    k_lengths = tuple(c.k.stop - c.k.start for c in group.calls)
+    cu_q, cu_k = _device_offsets(q_lengths, k_lengths, device)
+    return cu_q, cu_k, max(q_lengths), max(k_lengths)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_offsets(q_lengths: tuple[int, ...], k_lengths: tuple[int, ...], device) -> tuple[torch.Tensor, ...]:
+    """cu_seqlens of q and k (int32, on `device`), once per group shape: every layer reuses them."""
+    offsets = torch.tensor([[0, 0], *zip(q_lengths, k_lengths)], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    offsets = offsets.to(device)
+    return offsets[:, 0].contiguous(), offsets[:, 1].contiguous()
 
 
 def _varlen_forward(q, k, v, group: Group, scale: float):
