@@ -17,6 +17,7 @@ from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm
 from longseq.parallel.attention import register_attention
+from longseq.parallel.attention_op import state_of
 from longseq.state import LongseqState, attach_state
 
 
@@ -106,13 +107,29 @@ def _place_documents(state: LongseqState, kwargs: dict, shift_labels: torch.Tens
         return kwargs, shift_labels
     per_token = {name for name, value in kwargs.items()
                  if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape}
-    mask = kwargs.get("attention_mask")
-    if per_token - {"input_ids", "position_ids", "attention_mask"} or (mask is not None and not bool(mask.all())):
+    if per_token - {"input_ids", "position_ids", "attention_mask"}:
         return kwargs, shift_labels
+    input_ids, position_ids, shift_labels = torch.ops.longseq.place_documents(input_ids, position_ids, shift_labels,
+                                                                               state.attention)
+    return {**kwargs, "input_ids": input_ids, "position_ids": position_ids}, shift_labels
+
+
+@torch.library.custom_op("longseq::place_documents", mutates_args=())
+def _place_documents_op(input_ids: torch.Tensor, position_ids: torch.Tensor, shift_labels: torch.Tensor,
+                        name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One operator, so that compiled code sees no data-dependent Python (Note [Attention as one operator]); records
+    the placed documents for the attention of the model whose attention function is `name`."""
+    state = state_of(name)
     tokens = {"input_ids": input_ids, "position_ids": position_ids, "shift_labels": shift_labels}
-    placed, boundaries, layouts = place_documents(tokens, mesh)
+    placed, boundaries, layouts = place_documents(tokens, state.mesh)
+    placed = {key: value.clone() for key, value in placed.items()}  # an operator's outputs may alias nothing
     state.documents.place(placed["position_ids"], boundaries, layouts)
-    return {**kwargs, "input_ids": placed["input_ids"], "position_ids": placed["position_ids"]}, placed["shift_labels"]
+    return placed["input_ids"], placed["position_ids"], placed["shift_labels"]
+
+
+@_place_documents_op.register_fake
+def _(input_ids, position_ids, shift_labels, name):
+    return torch.empty_like(input_ids), torch.empty_like(position_ids), torch.empty_like(shift_labels)
 
 
 def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None):

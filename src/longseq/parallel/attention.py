@@ -6,7 +6,8 @@ applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the 
 documents are read from position_ids instead (parallel/documents.py), once per forward pass.
 
 Dispatch, on the gathered sequence (in this order):
-1. longseq's block kernels (kernels.py, through ring.ring_attention over the ring group): when ring > 1 (on SDPA or
+1. longseq's block kernels (kernels.py, through ring.py over the ring group, as the one operator of Note [Attention as
+   one operator] in attention_op.py): when ring > 1 (on SDPA or
    FlexAttention), and with SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half
    precision on CUDA). With ring = 1 there is no ring at all: one causal block per document, no exchange. They
    return the log-sum-exp, so the layer's output can be kept for backward: the attention function passes the
@@ -29,12 +30,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from longseq.mesh import Mesh
 from longseq.parallel import kernels
 from longseq.parallel.balance import natural_order
-from longseq.parallel.documents import document_boundaries, is_single_document
+from longseq.parallel.documents import document_boundaries
+from longseq.parallel.attention_op import block_attention, register_state
 from longseq.parallel.local import causal_attention
-from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 from longseq.state import LongseqState
 
+_NO_POSITIONS = ("Sequence-parallel attention needs position_ids (each rank holds a slice of the sequence, so "
+                 "positions cannot be inferred). Pass the batch through longseq.shard_batch, which provides them.")
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # longseq's block kernels (kernels.py) for each attn_implementation they serve (ring attention runs only on these).
 BLOCK_KERNELS = {"sdpa": "sdpa", "flex_attention": "flex"}
@@ -77,19 +80,27 @@ class Documents:
         self._key = (position_ids, position_ids._version)
         self._boundaries, self.layouts, self._block_masks = boundaries, layouts, {}
 
+    @torch.compiler.disable  # host-side: Note [Attention as one operator]
     def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
         if position_ids is None:
-            raise ValueError(
-                "Sequence-parallel attention needs position_ids (each rank holds a slice of the sequence, so "
-                "positions cannot be inferred). Pass the batch through longseq.shard_batch, which provides them."
-            )
-        key = (position_ids, position_ids._version)
-        if self._key is None or self._key[0] is not key[0] or self._key[1] != key[1]:
+            raise ValueError(_NO_POSITIONS)
+        if not self._holds(position_ids):
             self._boundaries = document_boundaries(self._gather(position_ids))
-            self._key = key
+            self._key = (position_ids, position_ids._version)
             self._block_masks = {}
             self.layouts = None
         return self._boundaries
+
+    def _holds(self, position_ids: torch.Tensor) -> bool:
+        """Whether these are the position_ids of the documents held: the same tensor, or (placed documents, which
+        gathering could not recover) equal values, as when compiled code passes another tensor object."""
+        if self._key is None:
+            return False
+        held, version = self._key
+        if held is position_ids:
+            return version == position_ids._version
+        return (self.layouts is not None and held.shape == position_ids.shape
+                and bool(torch.equal(held, position_ids)))
 
     def block_mask(self, window: int | None, length: int, device):
         """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward."""
@@ -150,13 +161,17 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
                                  "that longseq.apply did not shard (or load the trained weights into a plain one).")
             return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        boundaries = documents(kwargs.get("position_ids"))
+        position_ids = kwargs.get("position_ids")
+        if not torch.compiler.is_compiling():  # before the exchange: ranks of unequal slices raise, none hangs
+            documents(position_ids)
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
         if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
-            out = _block_attention(mesh, q, k, v, scale, boundaries, documents.layouts, window, dropout,
-                                   BLOCK_KERNELS[implementation], held.attention_cache)
-        elif implementation == "flex_attention":
+            out = _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout,
+                                   BLOCK_KERNELS[implementation])
+            return sequence_to_heads_split(mesh.ulysses_group, out), None
+        boundaries = documents(position_ids)
+        if implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
                            kernel_options=kwargs.get("kernel_options"))
@@ -170,6 +185,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
 
     name = f"longseq_sp_{next(_names)}"
     AttentionInterface.register(name, attention)
+    register_state(name, state)
     state.attention = name
     return name
 
@@ -181,9 +197,9 @@ def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> 
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, layouts, window, dropout, kernel, cache):
-    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring) in the rows'
-    ring layouts (None: zigzag), with the layer's attention cache (None outside a checkpointed layer)."""
+def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel) -> torch.Tensor:
+    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), as one
+    operator (Note [Attention as one operator]); returns (B, S, H, D)."""
     if window is not None and window < q.shape[2] * mesh.ring:
         raise ValueError(
             f"Ring attention does not support sliding-window layers (window {window} < sequence length "
@@ -191,10 +207,9 @@ def _block_attention(mesh, q, k, v, scale, boundaries, layouts, window, dropout,
         )
     if dropout:
         raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
-    out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
-                         boundaries=None if is_single_document(boundaries) else boundaries, layouts=layouts,
-                         kernel=kernel, cache=cache)
-    return out.transpose(1, 2)
+    if position_ids is None:
+        raise ValueError(_NO_POSITIONS)
+    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel)
 
 
 def document_block_mask(boundaries: list[list[int]], window: int | None, length: int, device):

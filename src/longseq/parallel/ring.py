@@ -94,13 +94,19 @@ def ring_attention(
         uses whatever pair it returns.
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
+    plan = ring_plan(group, q, k, v, boundaries=boundaries, layouts=layouts, kernel=kernel)
+    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
+
+
+def ring_plan(group, q, k, v, *, boundaries=None, layouts=None, kernel: str = "sdpa") -> tuple[_Run, ...]:
+    """Check ring_attention's inputs and return this rank's kernel calls per ring step (computed once per forward
+    pass: every layer asks for the same)."""
     ring_size = _ring_size(group)
     _check_inputs(q, k, v, ring_size, boundaries, layouts)
     if kernel not in KERNELS:
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
     rank = 0 if group is None else dist.get_rank(group)
-    plan = _plan(boundaries, layouts, q.shape[0], q.shape[2], ring_size, rank)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
+    return _plan(boundaries, layouts, q.shape[0], q.shape[2], ring_size, rank)
 
 
 class RingAttentionFunction(torch.autograd.Function):

@@ -1,0 +1,113 @@
+"""Note [Attention as one operator]
+
+What longseq's block-kernel attention does between the Ulysses exchanges depends on the data: the document boundaries
+are read on the host from the gathered position_ids, the ring plan is Python over them, the ring exchanges are
+point-to-point calls, and the attention cache (Note [Attention output cache]) decides on the host whether to compute
+at all. Traced by torch.compile, each of these breaks the graph, and the plan's lists would become guards, so every
+new packing of documents would recompile. So that part is one custom operator, `longseq::block_attention`
+(q, k, v, position_ids → out, lse), with its backward another, `longseq::block_attention_backward`; inside, they run
+eagerly what ring_attention runs, in eager runs and compiled ones alike. The compiler sees shapes only; the Ulysses
+exchanges around the operator (all-to-all autograd Functions) trace as functional collectives, and with a ring the
+batch moves to Note [Document placement] through a third operator (`longseq::place_documents`, models/apply.py).
+
+The operators find the model's documents, mesh and attention cache through the name of its registered attention
+function (a constant of the graph). Their outputs have fixed layouts, as compiled code expects: out (B, S, H, D) and
+the gradients (B, H, S, D), contiguous.
+
+Where the graph still breaks (torch.compile(fullgraph=True) refuses them): the other attention paths (FlexAttention's
+BlockMask, SDPA with a sliding window or dropout, flash-attention kernels) read the documents on the host, and
+checkpoint offload's saved-tensor hooks are not traceable, so a model with offload_checkpoints breaks at each decoder
+layer. Everything else compiles.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from longseq.parallel.documents import is_single_document
+from longseq.parallel.merge import accumulation_dtype
+from longseq.parallel.ring import ring_attention_backward, ring_attention_forward, ring_plan
+from longseq.state import LongseqState
+
+_STATES: dict[str, weakref.ref] = {}
+
+
+def register_state(name: str, state: LongseqState) -> None:
+    """Let the operators find `state` (documents, mesh, attention cache) by its attention function's name."""
+    _STATES[name] = weakref.ref(state)
+
+
+def state_of(name: str) -> LongseqState:
+    held = _STATES.get(name, lambda: None)()
+    if held is None:
+        raise RuntimeError(f"longseq: attention {name!r} belongs to a model that no longer exists.")
+    return held
+
+
+def block_attention(q, k, v, position_ids, *, name: str, scale: float, kernel: str) -> torch.Tensor:
+    """longseq's block kernels over the model's ring (R = 1: none) for head-split q, k, v (B, H, S, D) → out
+    (B, S, H, D); differentiable w.r.t. q, k, v."""
+    out, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, name, scale, kernel)
+    return out
+
+
+def _plan(state: LongseqState, q, k, v, position_ids, kernel: str):
+    documents = state.documents
+    boundaries = documents(position_ids)
+    return ring_plan(documents.mesh.ring_group, q, k, v, kernel=kernel, layouts=documents.layouts,
+                     boundaries=None if is_single_document(boundaries) else boundaries)
+
+
+@torch.library.custom_op("longseq::block_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, name: str, scale: float,
+             kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    state = state_of(name)
+    plan = _plan(state, q, k, v, position_ids, kernel)
+    group = state.documents.mesh.ring_group
+
+    def compute():
+        out, lse = ring_attention_forward(group, q, k.contiguous(), v.contiguous(), scale=scale, plan=plan,
+                                          kernel=kernel)
+        return out.transpose(1, 2).contiguous(), lse.contiguous()
+
+    cache = state.attention_cache
+    return compute() if cache is None else cache(compute)
+
+
+@_forward.register_fake
+def _(q, k, v, position_ids, name, scale, kernel):
+    batch, heads, length, dim = q.shape
+    return q.new_empty(batch, length, heads, dim), q.new_empty(batch, heads, length, dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("longseq::block_attention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, position_ids: torch.Tensor, name: str, scale: float,
+                 kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    state = state_of(name)
+    plan = _plan(state, q, k, v, position_ids, kernel)
+    grads = ring_attention_backward(state.documents.mesh.ring_group, dout.transpose(1, 2), q, k.contiguous(),
+                                    v.contiguous(), out.transpose(1, 2), lse, scale=scale, plan=plan, kernel=kernel)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, position_ids, name, scale, kernel):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, position_ids, ctx.name, ctx.scale, ctx.kernel = inputs
+    ctx.save_for_backward(q, k, v, *output, position_ids)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, position_ids = ctx.saved_tensors
+    dq, dk, dv = torch.ops.longseq.block_attention_backward(dout, q, k, v, out, lse, position_ids, ctx.name,
+                                                            ctx.scale, ctx.kernel)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
