@@ -60,15 +60,21 @@ def test_memory_features_with_sp(ring):
     run_distributed(_memory_with_sp, 2, ring)
 
 
-def _sliding_window_refused():
+def _ring_errors():
     mesh = longseq.init_mesh(sp=2, ring=2)
     model = longseq.apply(tiny_model("mistral"), mesh)
     with pytest.raises(ValueError, match="does not support sliding-window"):
         longseq.causal_lm_loss(model, longseq.shard_batch(batch(128), mesh), mesh)
+    # Ranks holding different numbers of tokens: the document placement raises on every rank, none hangs.
+    length = 8 + 2 * mesh.rank
+    local = {"input_ids": torch.zeros(1, length, dtype=torch.long), "shift_labels": torch.zeros(1, length).long(),
+             "position_ids": torch.arange(length)[None] + 100 * mesh.rank}
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        longseq.causal_lm_loss(longseq.apply(tiny_model("llama"), mesh), local, mesh)
 
 
-def test_ring_refuses_sliding_window():
-    run_distributed(_sliding_window_refused, 2)
+def test_ring_errors():
+    run_distributed(_ring_errors, 2)
 
 
 def test_ring_layout_errors():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
 from longseq.parallel.balance import Layout, document_layout, layout_order, natural_order, zigzag_order
-from longseq.parallel.documents import document_boundaries, is_single_document
+from longseq.parallel.documents import check_equal_slices, document_boundaries, is_single_document
 
 
 def slices_per_row(mesh: Mesh) -> int:
@@ -131,6 +131,7 @@ def place_documents(tokens: dict[str, torch.Tensor], mesh: Mesh) -> tuple[dict, 
     """
     names = list(tokens)
     local = torch.stack([tokens[name].long() for name in names], dim=-1)
+    check_equal_slices(local, mesh.sp_group, mesh.sp)
     full = gather_sequence(local, mesh)
     boundaries = document_boundaries(full[..., names.index("position_ids")])
     if mesh.ring == 1 or is_single_document(boundaries):

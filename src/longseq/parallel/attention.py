@@ -29,9 +29,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longseq.mesh import Mesh
 from longseq.parallel import kernels
-from longseq.parallel.balance import natural_order
-from longseq.parallel.documents import document_boundaries
 from longseq.parallel.attention_op import block_attention, register_state
+from longseq.parallel.balance import natural_order
+from longseq.parallel.documents import check_equal_slices, document_boundaries
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 from longseq.state import LongseqState
@@ -112,16 +112,7 @@ class Documents:
         mesh = self.mesh
         if mesh.sp == 1:
             return position_ids
-        # all_gather with a list: the one form that gloo, NCCL and every supported torch accept without warnings.
-        lengths = [torch.zeros(1, dtype=torch.long, device=position_ids.device) for _ in range(mesh.sp)]
-        dist.all_gather(lengths, torch.tensor([position_ids.shape[1]], device=position_ids.device),
-                        group=mesh.sp_group)
-        lengths = torch.cat(lengths)
-        if lengths.min() != lengths.max():
-            raise ValueError(
-                f"Sequence-parallel ranks hold different numbers of tokens ({lengths.tolist()}); every rank of the "
-                "sp group must hold an equal slice. Use longseq.shard_batch, which pads and slices the batch."
-            )
+        check_equal_slices(position_ids, mesh.sp_group, mesh.sp)
         pieces = [torch.empty_like(position_ids) for _ in range(mesh.sp)]
         dist.all_gather(pieces, position_ids.contiguous(), group=mesh.sp_group)
         pieces = torch.stack(pieces)
