@@ -4,13 +4,15 @@ log-uniform lengths, beside one document per row at the same token count (the ta
     torchrun --nproc-per-node 1 -m bench.bench_packed --shape llama-8b --layers 8 --length 131072
     torchrun --nproc-per-node 2 -m bench.bench_packed --shape llama-8b --layers 8 --length 131072 --layouts ulysses ring
     torchrun --nproc-per-node 1 -m bench.bench_packed --attention --length 131072       # attention kernels alone
+    torchrun --nproc-per-node 1 -m bench.bench_packed --layers 8 --length 65536 --compile inductor   # compiled too
     python -m bench.bench_packed --shape tiny --length 512 --shortest 8 --rows 2         # CPU, end to end
 
 The mix: document lengths drawn log-uniformly from --shortest to --longest tokens (seeded), concatenated and cut
 every --length tokens, as longseq's packer does (a document cut at a row's end continues in the next row as its own
 document). The record holds the distribution (lengths, documents per row, shares of tokens and of attention work by
 length), each run's step time and model TFLOP/s per GPU (the packed rows' attention counted per document), the
-packed/single ratio, and with a ring the attention work per rank under zigzag and under Note [Document placement].
+packed/single ratio, and with a ring the attention work per rank under zigzag and under Note [Document placement];
+with --compile, the same steps of torch.compile(model) and their speed-up over eager (Note [Attention as one operator]).
 --attention times one layer's attention (forward + backward, R = 1) on the first packed row: FlashAttention's
 variable-length groups with different DENSE_MIN_BLOCK thresholds (0: one dense cuDNN call per document) against one
 document. Prints a table and ends with one JSON line (also appended to bench/results/bench_packed.jsonl).
@@ -91,11 +93,12 @@ def step_flops(mix: list[list[int]], config, packed: bool) -> float:
     return dense + 3 * sum(attention_flops(n, config) for n in documents)
 
 
-def measure(model, mesh, data: dict, flops: float, repeats: int) -> dict:
+def measure(model, mesh, data: dict, flops: float, repeats: int, compiled=None) -> dict:
+    """Warm-up step (it compiles, where `compiled` is the torch.compile'd model), then `repeats` timed steps."""
     local = longseq.shard_batch(data, mesh)
 
     def step():
-        loss = longseq.causal_lm_loss(model, local, mesh)
+        loss = longseq.causal_lm_loss(model if compiled is None else compiled, local, mesh)
         loss.backward()
         model.zero_grad(set_to_none=False)
         return loss.detach()
@@ -122,9 +125,14 @@ def run_layout(args, mesh, mix) -> dict:
     model = build(args.shape, args.layers, mesh.device)
     longseq.apply(model, mesh, longseq.MemoryConfig() if args.memory == "all" else None)
     vocab, result = model.config.vocab_size, {}
+    compiled = torch.compile(model, backend=args.compile) if args.compile else None
     for kind in ("single", "packed"):
         data = make_batch(mix, vocab, mesh.device, packed=kind == "packed")
-        result[kind] = measure(model, mesh, data, step_flops(mix, model.config, kind == "packed"), args.repeats)
+        flops = step_flops(mix, model.config, kind == "packed")
+        result[kind] = measure(model, mesh, data, flops, args.repeats)
+        if compiled is not None:
+            result[f"{kind}_compiled"] = measure(model, mesh, data, flops, args.repeats, compiled)
+            result[f"{kind}_compiled_vs_eager"] = result[kind]["step_s"] / result[f"{kind}_compiled"]["step_s"]
     result["packed_vs_single"] = result["packed"]["tflops_per_gpu"] / result["single"]["tflops_per_gpu"]
     if mesh.ring > 1:
         result["work_per_rank_max_vs_mean"] = placement_balance(mix, mesh.ring)
@@ -187,6 +195,8 @@ def parse(argv=None):
     parser.add_argument("--attention", action="store_true", help="time one layer's attention instead of the model")
     parser.add_argument("--dense-min", type=int, nargs="+", default=[0, 1024, 2048, 4096, -1],
                         help="--attention: √DENSE_MIN_BLOCK values to try (0: no groups, -1: every call grouped)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time torch.compile(model, backend=BACKEND) (e.g. inductor; aot_eager on CPU)")
     parser.add_argument("--no-placement", action="store_true",
                         help="keep zigzag for packed rows on a ring (what Note [Document placement] gains)")
     return parser.parse_args(argv)
@@ -212,7 +222,9 @@ def main(argv=None) -> dict:
             name: longseq.init_mesh(sp=world, ring=1 if name == "ulysses" else world) for name in args.layouts}
         record["results"] = {name: run_layout(args, mesh, mix) for name, mesh in meshes.items()}
         table = {name: dict(packed_tflops=r["packed"]["tflops_per_gpu"], single_tflops=r["single"]["tflops_per_gpu"],
-                            packed_vs_single=r["packed_vs_single"]) for name, r in record["results"].items()}
+                            packed_vs_single=r["packed_vs_single"],
+                            **{k: v for k, v in r.items() if k.endswith("compiled_vs_eager")})
+                 for name, r in record["results"].items()}
     if not dist.is_initialized() or dist.get_rank() == 0:
         for name, row in table.items():
             print(f"{name:<28}", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

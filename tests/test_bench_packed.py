@@ -31,12 +31,13 @@ def records(monkeypatch):
     return written
 
 
-def test_model_step_on_cpu(records):
-    record = bench_packed.main(TINY_RUN)
+def test_model_step_on_cpu_eager_and_compiled(records):
+    record = bench_packed.main(TINY_RUN + ["--compile", "aot_eager"])
     assert records == [("bench_packed", record)]
     result = record["results"]["single"]
     assert math.isfinite(result["packed"]["loss"]) and result["packed"]["tflops_per_gpu"] > 0
-    assert result["packed_vs_single"] > 0
+    assert result["packed_compiled"]["loss"] == pytest.approx(result["packed"]["loss"], rel=1e-5)
+    assert result["packed_vs_single"] > 0 and result["packed_compiled_vs_eager"] > 0
     assert record["mix"]["documents"] >= 2
 
 
