@@ -5,6 +5,7 @@ log-uniform lengths, beside one document per row at the same token count (the ta
     torchrun --nproc-per-node 2 -m bench.bench_packed --shape llama-8b --layers 8 --length 131072 --layouts ulysses ring
     torchrun --nproc-per-node 1 -m bench.bench_packed --attention --length 131072       # attention kernels alone
     torchrun --nproc-per-node 1 -m bench.bench_packed --layers 8 --length 65536 --compile inductor   # compiled too
+    python -m bench.bench_packed --rows 200 --placement 2 4 8    # work per ring rank, zigzag vs documents (CPU)
     python -m bench.bench_packed --shape tiny --length 512 --shortest 8 --rows 2         # CPU, end to end
 
 The mix: document lengths drawn log-uniformly from --shortest to --longest tokens (seeded), concatenated and cut
@@ -193,6 +194,8 @@ def parse(argv=None):
     parser.add_argument("--memory", choices=["all", "none"], default="all")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention", action="store_true", help="time one layer's attention instead of the model")
+    parser.add_argument("--placement", type=int, nargs="+", metavar="RING", default=None,
+                        help="only count the attention work per ring rank of the mix (no model, no GPU)")
     parser.add_argument("--dense-min", type=int, nargs="+", default=[0, 1024, 2048, 4096, -1],
                         help="--attention: √DENSE_MIN_BLOCK values to try (0: no groups, -1: every call grouped)")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
@@ -213,7 +216,10 @@ def main(argv=None) -> dict:
                   memory=args.memory, placement=not args.no_placement, mix=describe(mix), **machine())
     if args.no_placement:
         apply_module._place_documents = lambda state, kwargs, labels: (kwargs, labels)
-    if args.attention:
+    if args.placement:
+        record["placement"] = {str(ring): placement_balance(mix, ring) for ring in args.placement}
+        table = {f"ring {ring} {name}": value for ring, row in record["placement"].items() for name, value in row.items()}
+    elif args.attention:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         record["attention"] = attention_only(args, mix, device)
         table = record["attention"]

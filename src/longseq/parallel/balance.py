@@ -15,7 +15,8 @@ Attention work is the number of (query, key) pairs a rank computes: a token at o
 keys, so a document of length L costs L(L+1)/2, and a packed row is a sawtooth of such costs. Zigzag balances one
 document (its cost grows linearly along the sequence, and chunk r pairs with chunk 2R−1−r), but not a sawtooth: rows
 of documents drawn log-uniformly from 512 to 128K tokens, packed into 128K rows, give the busiest rank 1.26× the mean
-work at R = 2 and 1.5× at R = 4 (mean over rows; up to 1.8× and 2.1×), and per ring step it is worse.
+work at R = 2, 1.46× at R = 4 and 1.58× at R = 8 (mean over 200 rows; up to 1.71×, 2.25×, 2.80×; per ring step it is
+worse). Placed by the rule below: at most 1.002× (bench_packed.py --placement, bench/results/bench_packed.jsonl).
 
 The rule for packed rows: zigzag every document. Document d of length L_d is cut into 2R chunks of c_d = ⌊L_d/2R⌋
 tokens and ring rank r holds its chunks r and 2R−1−r, so every document is balanced on its own, in total and at
@@ -30,8 +31,7 @@ equal pieces, one per rank. A rank's portion is, in order:
         rank 0 →  A0 B0 | A3 B3 | a           rank 1 →  A1 B1 | A2 B2 | a b
 
 Bound: the zigzagged parts cost every rank exactly the same; only the tails differ, so the busiest rank exceeds the
-mean by at most the tails' work, Σ_d e_d·L_d ≤ (2R−1)·S pairs, against ~Σ_d L_d²/2R per rank (for the mix above:
-within 0.1%). A row of one document is plain zigzag. Keeping the early chunks, the late chunks and the tails each in
+mean by at most the tails' work, Σ_d e_d·L_d ≤ (2R−1)·S pairs, against ~Σ_d L_d²/2R per rank. A row of one document is plain zigzag. Keeping the early chunks, the late chunks and the tails each in
 document order makes a ring step's blocks of all documents adjacent in both q and k, so they run as a few
 variable-length kernel calls (Note [Variable-length blocks], varlen.py), however many documents a row holds.
 
