@@ -58,3 +58,11 @@ def _ring_of_two():
 
 def test_ring_of_two_on_cpu():
     run_distributed(_ring_of_two, 2)
+
+
+def test_placement_count(records):
+    record = bench_packed.main(["--length", "4096", "--shortest", "16", "--longest", "4096", "--rows", "20",
+                                "--placement", "2", "4"])
+    for ring in ("2", "4"):
+        counted = record["placement"][ring]
+        assert counted["documents"]["max"] < 1.02 < counted["zigzag"]["max"]
