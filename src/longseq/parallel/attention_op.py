@@ -14,10 +14,12 @@ The operators find the model's documents, mesh and attention cache through the n
 function (a constant of the graph). Their outputs have fixed layouts, as compiled code expects: out (B, S, H, D) and
 the gradients (B, H, S, D), contiguous.
 
-Where the graph still breaks (torch.compile(fullgraph=True) refuses them): the other attention paths (FlexAttention's
-BlockMask, SDPA with a sliding window or dropout, flash-attention kernels) read the documents on the host, and
-checkpoint offload's saved-tensor hooks are not traceable, so a model with offload_checkpoints breaks at each decoder
-layer. Everything else compiles.
+Where the graph still breaks (torch.compile(fullgraph=True) refuses them; without fullgraph they run eagerly between
+compiled pieces, with the same results): the other attention paths (FlexAttention's BlockMask, SDPA with a sliding
+window or dropout, flash-attention kernels) read the documents on the host; checkpoint offload's saved-tensor hooks are
+not traceable (a break at each decoder layer); the tiled MLP, norms and loss (memory/) call torch.autograd.grad in
+their backward, which dynamo does not trace by default. tests/test_compile.py checks fullgraph at sp = 2 (Ulysses and
+ring, packed rows, no recompile for a new packing) and the broken graphs at sp = 1 and 2 with the memory features.
 """
 
 from __future__ import annotations
