@@ -71,15 +71,15 @@ def main() -> None:
         same_work = int(length / math.sqrt(world)) // 256 * 256
         step = single_step(same_work)
         step()
-        seconds = timed(step, args.repeats)
+        timing = timed(step, args.repeats)
         row["single_gpu_tokens"] = same_work
-        row["single_gpu_tflops"] = causal_flops(same_work) / seconds / 1e12
+        row["single_gpu_tflops"] = causal_flops(same_work) / timing.median / 1e12
         for name, (mesh, kernel) in meshes.items():
             step = sp_step(mesh, length // world, kernel)
             step()
-            seconds = timed(step, args.repeats)
-            row[f"{name}_s"] = seconds
-            row[f"{name}_tflops_per_gpu"] = causal_flops(length) / world / seconds / 1e12
+            timing = timed(step, args.repeats)
+            row.update(timing.fields(name))
+            row[f"{name}_tflops_per_gpu"] = causal_flops(length) / world / timing.median / 1e12
             row[f"{name}_vs_single"] = row[f"{name}_tflops_per_gpu"] / row["single_gpu_tflops"]
         torch.cuda.empty_cache()
         rows.append(row)

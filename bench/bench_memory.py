@@ -86,7 +86,7 @@ def main() -> None:
             row["loss"] = float(step())
             row["peak_gib"] = peak_gib()
             if args.timed_steps:
-                row["step_s"] = timed(step, args.timed_steps)
+                row.update(timed(step, args.timed_steps).fields("step"))
                 row["tokens_per_s"] = length / row["step_s"]
                 row["tflops"] = model_flops(length, model.config) / row["step_s"] / 1e12
         except torch.OutOfMemoryError:

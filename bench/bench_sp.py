@@ -44,9 +44,10 @@ def measure(model, mesh, data, repeats: int) -> dict:
     peak = torch.tensor([peak_gib()], device="cuda")
     if mesh.world_size > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    seconds = timed(step, repeats) if repeats else float("nan")
+    timing = timed(step, repeats).fields("step") if repeats else dict(step_s=float("nan"))
+    seconds = timing["step_s"]
     tokens = data["input_ids"].numel()
-    return dict(tokens=tokens, loss=loss, peak_gib=peak.item(), step_s=seconds,
+    return dict(tokens=tokens, loss=loss, peak_gib=peak.item(), **timing,
                 tokens_per_s_per_gpu=tokens / seconds / mesh.world_size,
                 tflops_per_gpu=model_flops(tokens, model.config) / seconds / mesh.world_size / 1e12)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,15 +20,23 @@ SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=1 << 22,
                      tie_word_embeddings=True),
+    # CPU smoke runs of the benchmark scripts (tests/test_bench_peers.py): seconds per step on one core.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096),
 }
+
+
+def build_config(shape: str, layers: int | None = None) -> transformers.LlamaConfig:
+    """The transformers config of a named shape, with `layers` decoder layers when given."""
+    settings = dict(SHAPES[shape])
+    if layers is not None:
+        settings["num_hidden_layers"] = layers
+    return transformers.LlamaConfig(**settings)
 
 
 def build_model(shape: str, layers: int | None = None, device: str = "cuda", attn: str = "sdpa", seed: int = 0):
     """Random-weight Llama of a named shape, bf16, built directly on the device."""
-    settings = dict(SHAPES[shape])
-    if layers is not None:
-        settings["num_hidden_layers"] = layers
-    config = transformers.LlamaConfig(**settings)
+    config = build_config(shape, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
@@ -50,14 +60,35 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 1) -> float:
-    """Seconds per call, synchronised wall time (call it after a warm-up step)."""
-    synchronize()
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Timing:
+    """Synchronised wall time of each timed call, seconds."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    def fields(self, name: str) -> dict:
+        """`{name}_s` (the median: the figure quoted), `{name}_s_min` and how many calls were timed."""
+        return {f"{name}_s": self.median, f"{name}_s_min": self.min, f"{name}_repeats": len(self.seconds)}
+
+
+def timed(fn, repeats: int = 1) -> Timing:
+    """Time `repeats` calls of `fn`, each on its own (call it after a warm-up step): the spread, not one mean."""
+    seconds = []
     for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
         fn()
-    synchronize()
-    return (time.perf_counter() - start) / repeats
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return Timing(tuple(seconds))
 
 
 def reset_peak() -> None:

@@ -1,5 +1,6 @@
-"""The driver of bench.run_peers (`python -m bench.run_peers drive ...`): one fresh torchrun per contender and
-length, each under a time limit, all under a total budget; collects the records, prints a table and one JSON line."""
+"""The driver of bench.run_peers (`python -m bench.run_peers drive ...`): the card's ideal step first, then one fresh
+torchrun per contender, length and placement, each under a time limit, all under a total budget; collects the records,
+prints a table and one JSON line."""
 
 from __future__ import annotations
 
@@ -15,37 +16,55 @@ import threading
 import time
 from pathlib import Path
 
-from bench.peers_contenders import ALST, NAMES
-from bench.run_peers import GRANULE
+from bench.peers_registry import ALST, NAMES, PLACEMENTS, unavailable
+from bench.peers_ideal import with_ideal
+from bench.peers_records import ROOT, VERSION_KEYS, add_run_options, run_argv, save, table, why_unavailable
+from bench.report_peers import summary
 
-ROOT = Path(__file__).resolve().parent.parent
-VERSION_KEYS = ("card", "gpus", "torch", "transformers", "cuda", "deepspeed", "liger_kernel")
+GRANULE = 65536
+"""--search bisects down to this many tokens."""
 
 
 def driver_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run_peers drive")
-    parser.add_argument("--gpus", type=int, default=4, help="GPUs this driver may use (ids 0..gpus-1)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs this driver may use (ids first-gpu ..); with "
+                        "--device cpu: how many runs --jobs may start at once")
     parser.add_argument("--first-gpu", type=int, default=0, help="use GPUs first-gpu .. first-gpu+gpus-1")
-    parser.add_argument("--sp", type=int, default=4, help="GPUs (= processes, sp degree) per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on disjoint GPUs (they share the host)")
     parser.add_argument("--contenders", nargs="+", default=["longseq", "alst"], choices=NAMES)
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072],
                         help="lengths to run; with --search: the first length tried")
-    parser.add_argument("--shape", default="llama-8b", choices=["llama-8b", "llama-1b"])
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--timed", type=int, default=1, help="timed steps after the warm-up step (0 with --search)")
+    parser.add_argument("--placement", default="auto", choices=["auto", "gpu", "optimizer", "all"],
+                        help="auto: each contender's least offloaded placement that fits (next one after an OOM)")
     parser.add_argument("--timeout", type=float, default=240,
                         help="seconds per run (--search: for the first length, × (length / first)² beyond)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole driver")
     parser.add_argument("--search", action="store_true", help="longest length that fits: double, then bisect at 64K")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the timed steps, one more under torch.profiler; its top kernels go in the record")
     parser.add_argument("--search-max", type=int, default=1 << 22)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="host cores shared by the runs")
     parser.add_argument("--tag", default="", help="free text stored in every record (e.g. the call's purpose)")
+    parser.add_argument("--code", default=None, help="the code's commit, stored in every record (default: git's "
+                        "HEAD where the tree has .git; the GPU machines' copies do not: pass it)")
+    parser.add_argument("--call", type=int, default=None, help="the device call's number (docs/log.md), stored")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "peers.jsonl"),
+                        help="append the records here (and to $OUT/peers.jsonl when $OUT is set)")
+    add_run_options(parser)
     return parser
+
+
+def code_version() -> str:
+    """`git rev-parse --short HEAD` of this tree, with +dirty when it has changes; "unknown" without git."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 class Driver:
@@ -55,20 +74,51 @@ class Driver:
         self.slots: queue.Queue = queue.Queue()
         per_run = args.sp if args.device == "cuda" else 0
         count = max(1, min(args.jobs, args.gpus // max(per_run, 1)))
-        for i in range(count):
-            first = args.first_gpu + i * per_run
-            self.slots.put([str(g) for g in range(first, first + per_run)])
+        self.gpu_sets = [[str(args.first_gpu + i * per_run + g) for g in range(per_run)] for i in range(count)]
+        for gpus in self.gpu_sets:
+            self.slots.put(gpus)
         self.concurrent = count
         self.records: list[dict] = []
         self.lock = threading.Lock()
         self.tmp = Path(tempfile.mkdtemp(prefix="peers-"))
-        self.prebuild = self._prebuild() if args.device == "cuda" and set(args.contenders) & set(ALST) else None
+        self.code = args.code or code_version()
+        self.ladder_start: dict[str, int] = {}
+        self.cpu_adam_built = False
+        self.calibration, self.calibration_error = (None, "--search times no step") if args.search else \
+            self._calibrate()
 
-    def _prebuild(self):
-        """Compile DeepSpeed's CPU Adam op (JIT, cached) while the other contenders run."""
-        code = "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])"
-        log = open(self.tmp / "prebuild.log", "w")
-        return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=self._env([]))
+    def build_cpu_adam(self, limit: float) -> None:
+        """Compile DeepSpeed's CPU Adam op (JIT, cached) once, before the first ALST run that offloads its optimizer
+        state: outside that run's time limit, and not beside another contender's timed steps."""
+        if self.cpu_adam_built:
+            return
+        code = ("import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; "
+                "DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])")
+        with open(self.tmp / "cpu_adam_build.log", "w") as log:
+            try:
+                subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=self._env([]),
+                               timeout=max(1.0, limit))
+            except subprocess.TimeoutExpired:
+                log.write("build ran past the driver's budget; the ALST run will build it itself\n")
+        self.cpu_adam_built = True
+
+    def _calibrate(self) -> tuple[dict | None, str | None]:
+        """The card's attention and GEMM speeds at the run's shapes (bench.peers_ideal), on the first slot's first
+        GPU, before any contender runs: ({length: ideal}, None) or (None, why it failed)."""
+        args, out = self.args, self.tmp / "ideal.json"
+        cmd = [sys.executable, "-m", "bench.peers_ideal", "--shape", args.shape, "--sp", str(args.sp), "--device",
+               args.device, "--out", str(out), "--lengths", *map(str, args.lengths)]
+        cmd += ["--layers", str(args.layers)] if args.layers else []
+        gpus = self.gpu_sets[0][:1]
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, env=self._env(gpus), capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired:
+            return None, "calibration ran past 240 s"
+        if run.returncode != 0 or not out.exists():
+            return None, f"calibration failed: {run.stderr[-600:]}"
+        found = json.loads(out.read_text())
+        print("peers: ideal step (Note [Ideal step]):", json.dumps(found), flush=True)
+        return found, None
 
     def _env(self, gpus: list[str]) -> dict:
         env = dict(os.environ)
@@ -80,35 +130,67 @@ class Driver:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env
 
+    def base(self, contender: str, length: int | None, **extra) -> dict:
+        """What every record of this driver states, before its run says more."""
+        args = self.args
+        return dict(bench="peers", contender=contender, shape=args.shape, layers=args.layers or "full", length=length,
+                    sp=args.sp, optimizer=args.optimizer, concurrent_runs=self.concurrent, tag=args.tag,
+                    code=self.code, device_call=args.call, **extra)
+
+    def placements(self, contender: str) -> list[str]:
+        """The placements to try for this contender, in order: from the one that last fitted (a longer length needs
+        no less offload) to its most offloaded; or only --placement when it is not auto."""
+        ladder = list(PLACEMENTS[contender])
+        if self.args.placement != "auto":
+            return [self.args.placement]
+        return ladder[self.ladder_start.get(contender, 0):]
+
     def run(self, contender: str, length: int, timed: int, timeout: float | None = None) -> dict:
+        """The contender at this length at its best: each placement in turn until one is not out of GPU memory (the
+        ones that were are recorded too); returns the last run's record. A contender that cannot run here is not
+        launched: its record says why."""
+        reasons = unavailable(contender, self.args)
+        if reasons:
+            return self.base(contender, length, status="unavailable", error=why_unavailable(contender, reasons))
+        tried = []
+        for placement in self.placements(contender):
+            if placement not in PLACEMENTS[contender]:
+                return self.base(contender, length, placement=placement, status="unavailable",
+                                 error=f"{contender} has no placement {placement!r}; it takes "
+                                       f"{list(PLACEMENTS[contender])} (or --placement auto).")
+            tried.append(placement)
+            record = {**self.run_once(contender, length, timed, placement, timeout), "placements_tried": tried[:]}
+            if record["status"] != "oom" or placement == PLACEMENTS[contender][-1] or self.args.placement != "auto":
+                break
+            self.add(record)
+        if record["status"] == "ok":
+            self.ladder_start[contender] = PLACEMENTS[contender].index(record["placement"])
+        return record
+
+    def run_once(self, contender: str, length: int, timed: int, placement: str, timeout: float | None) -> dict:
         """One torchrun on a free slot, within `timeout` s (default --timeout); returns its record (or one describing
         its failure)."""
-        args = self.args
-        base = dict(bench="peers", contender=contender, shape=args.shape, layers=args.layers or "full",
-                    length=length, sp=args.sp, timed_steps=timed, concurrent_runs=self.concurrent, tag=args.tag)
+        base = self.base(contender, length, timed_steps=timed, placement=placement)
         left = self.deadline - time.monotonic()
         if left < 30:
             return {**base, "status": "skipped", "error": "driver budget spent"}
-        if contender in ALST and self.prebuild is not None:
-            self.prebuild.wait(timeout=max(1.0, left - 30))
+        if contender in ALST and placement != "gpu" and self.args.device == "cuda":
+            self.build_cpu_adam(left - 30)
+            left = self.deadline - time.monotonic()
         gpus = self.slots.get()
         try:
-            return {**base, **self._launch(contender, length, timed, gpus, min(timeout or args.timeout, left - 5))}
+            limit = min(timeout or self.args.timeout, left - 5)
+            return {**base, **self._launch(contender, length, timed, placement, gpus, limit)}
         finally:
             self.slots.put(gpus)
 
-    def _launch(self, contender: str, length: int, timed: int, gpus: list[str], limit: float) -> dict:
+    def _launch(self, contender: str, length: int, timed: int, placement: str, gpus: list[str], limit: float) -> dict:
         args = self.args
-        tag = f"{contender}-{length}-{time.monotonic_ns()}"
+        tag = f"{contender}-{length}-{placement}-{time.monotonic_ns()}"
         records, log_path = self.tmp / f"{tag}.jsonl", self.tmp / f"{tag}.log"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.sp), "-m",
-               "bench.run_peers", "--contender", contender, "--lengths", str(length), "--sp", str(args.sp),
-               "--shape", args.shape, "--timed", str(timed), "--seed", str(args.seed),
-               "--device", args.device, "--records", str(records)]
-        if args.layers:
-            cmd += ["--layers", str(args.layers)]
-        if args.profile and timed:
-            cmd += ["--profile"]
+               "bench.run_peers", "--contender", contender, "--lengths", str(length), "--records", str(records),
+               *run_argv(args, placement), "--timed", str(timed)]
         start = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self._env(gpus), stdout=log, stderr=subprocess.STDOUT,
@@ -133,9 +215,11 @@ class Driver:
                     wall_s=wall, log_tail=tail)
 
     def add(self, record: dict) -> None:
+        record = with_ideal(record, self.calibration)
         with self.lock:
             self.records.append(record)
-            keys = ("contender", "length", "status", "first_step_loss", "peak_gib", "host_peak_gib", "step_s")
+            keys = ("contender", "length", "placement", "status", "first_step_loss", "peak_gib", "host_peak_gib",
+                    "step_s", "pct_of_ideal")
             print("peers:", {k: record.get(k) for k in keys}, flush=True)
 
     def chain(self, contenders: list[str]) -> None:
@@ -145,9 +229,8 @@ class Driver:
         for length in sorted(self.args.lengths):
             for contender in contenders:
                 if contender in failed:
-                    self.add(dict(bench="peers", contender=contender, length=length, sp=self.args.sp,
-                                  shape=self.args.shape, layers=self.args.layers or "full", status="skipped",
-                                  error=f"a shorter length failed ({failed[contender]})"))
+                    self.add(self.base(contender, length, status="skipped",
+                                       error=f"a shorter length failed ({failed[contender]})"))
                     continue
                 record = self.run(contender, length, self.args.timed)
                 self.add(record)
@@ -178,8 +261,7 @@ class Driver:
             length = (low + bad) // 2 // GRANULE * GRANULE
             if length <= low:
                 break
-        self.add(dict(bench="peers", contender=contender, sp=self.args.sp, layers=self.args.layers or "full",
-                      status="search", longest_ok=good, shortest_failed=bad, shape=self.args.shape))
+        self.add(self.base(contender, None, status="search", longest_ok=good, shortest_failed=bad))
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -193,44 +275,6 @@ def _kill(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def save(records: list[dict]) -> None:
-    lines = [json.dumps(r, sort_keys=True, default=str) for r in records]
-    for folder in filter(None, [os.environ.get("OUT"), str(ROOT / "bench" / "results")]):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(folder) / "peers.jsonl", "a") as fh:
-            fh.writelines(line + "\n" for line in lines)
-
-
-def kib_per_token(record: dict) -> float | None:
-    """Peak GPU memory (weights and all) per token a GPU holds (length / sp), KiB."""
-    peak, length = record.get("peak_gib"), record.get("length")
-    if peak is None or not length or peak != peak:
-        return None
-    return peak * 2**20 / (length / (record.get("sp") or 1))
-
-
-def table(records: list[dict]) -> str:
-    head = ("| contender | sp | layers | length | status | loss | GPU peak GiB | GPU KiB/token | host peak GiB | step s "
-            "| tok/s/GPU | TFLOP/s/GPU | call |")
-    rows = [head, "|" + " --- |" * 13]
-
-    def fmt(value, spec):
-        return format(value, spec) if isinstance(value, (int, float)) and value == value else "–"
-
-    for r in records:
-        if r.get("status") == "search":
-            rows.append(f"| {r['contender']} | {r['sp']} | {r['layers']} | longest ok: {r['longest_ok']} "
-                        f"(failed: {r['shortest_failed']}) | search | | | | | | | | {r.get('device_call', '')} |")
-            continue
-        rows.append(f"| {r.get('contender')} | {r.get('sp')} | {r.get('layers', '')} | {r.get('length')} | "
-                    f"{r.get('status')} | {fmt(r.get('first_step_loss'), '.4f')} | {fmt(r.get('peak_gib'), '.1f')} | "
-                    f"{fmt(kib_per_token(r), '.0f')} | "
-                    f"{fmt(r.get('host_peak_gib'), '.1f')} | {fmt(r.get('step_s'), '.2f')} | "
-                    f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.0f')} | "
-                    f"{r.get('device_call', '')} |")
-    return "\n".join(rows)
 
 
 def drive(argv: list[str]) -> None:
@@ -249,13 +293,9 @@ def drive(argv: list[str]) -> None:
             thread.join()
     for thread in threads:
         thread.join()
-    if driver.prebuild is not None and driver.prebuild.poll() is None:
-        driver.prebuild.kill()
     known = {k: v for r in driver.records if r.get("card") for k, v in r.items() if k in VERSION_KEYS}
     driver.records = [{**known, **r} for r in driver.records]  # failed runs: the card their neighbours saw
-    save(driver.records)
+    save(driver.records, args.results)
     print(table(driver.records), flush=True)
-    from bench.report_peers import summary
-
     print(json.dumps({"bench": "peers", "runs": len(driver.records), "logs": str(driver.tmp),
-                      **summary(driver.records)}, default=str), flush=True)
+                      "ideal_error": driver.calibration_error, **summary(driver.records)}, default=str), flush=True)

@@ -118,7 +118,8 @@ def check_section(records: list[dict]) -> list[str]:
     lines = []
     for gpus in sorted({r["gpus"] for r in records}, reverse=True):
         latest = [r for r in records if r["gpus"] == gpus][-1]
-        lines += [f"## CUDA/NCCL exactness (check_gpu.py, {gpus} GPUs, device call {latest.get('device_call', '?')})",
+        call = latest.get("device_call", "?")
+        lines += [f"## CUDA/NCCL exactness (tests/gpu/nccl_checks.py, {gpus} GPUs, device call {call})",
                   "", "| check | max error | tolerance | ok |", "|---|---|---|---|"]
         for r in latest["results"]:
             lines.append(f"| {r['check']} | {r['error']:.2e} | {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")

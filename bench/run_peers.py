@@ -1,25 +1,31 @@
-"""Side by side on the same GPUs: plain HF, DeepSpeed ALST and longseq, one training step each on identical tokens.
+"""Side by side on the same GPUs: plain HF, HF with host offload + Liger, accelerate's context parallel, DeepSpeed
+ALST and longseq, one training step each on identical tokens, each beside the ideal step of this card.
 
-    python -m bench.run_peers drive --gpus 4 --sp 4 --lengths 65536 131072 --contenders longseq alst   # driver
-    python -m bench.run_peers drive --gpus 4 --sp 1 --jobs 2 --lengths 16384 32768 --contenders hf longseq alst
+    python -m bench.run_peers drive --gpus 1 --sp 1 --layers 8 --lengths 16384 32768 \
+        --contenders hf hf-offload alst longseq --code abc1234 --call 19                        # one GPU
+    python -m bench.run_peers drive --gpus 2 --sp 2 --lengths 131072 --contenders longseq alst accelerate-cp
     python -m bench.run_peers drive --gpus 4 --sp 4 --layers 4 --search --lengths 262144 --contenders longseq alst
-    torchrun --nproc-per-node 4 -m bench.run_peers --sp 4 --contender alst --lengths 65536          # one run
-    CUDA_VISIBLE_DEVICES=0 torchrun --nproc-per-node 1 -m bench.run_peers --sp 1 --contender hf --lengths 16384
-    python -m bench.run_peers drive --device cpu --sp 1 --shape llama-1b --layers 2 --lengths 256 \
-        --contenders hf longseq longseq-nooptim                                                     # CPU smoke run
-    python -m bench.run_peers check-alst                                                            # CPU: ALST code path
+    torchrun --nproc-per-node 2 -m bench.run_peers --sp 2 --contender alst --placement optimizer --lengths 65536
+    python -m bench.run_peers drive --device cpu --sp 1 --shape tiny --lengths 256 \
+        --contenders hf hf-offload longseq --results /tmp/peers.jsonl                              # CPU smoke run
+    python -m bench.run_peers check-alst                                        # CPU: ALST code path (needs DeepSpeed)
 
-The driver starts one fresh torchrun per contender and length (an OOM or a crash cannot poison the next run, and host
-memory is measured per run), each with a time limit, under a total --budget; --jobs N runs N of them at once on
-disjoint GPUs (say so when quoting speed: they share the host's cores). Contenders (bench/peers_contenders.py,
-bench/peers_alst.py): hf (transformers + checkpointing, forward + backward only, one GPU), alst and
-alst-arctic-offload (DeepSpeed ZeRO-3 + CPU Adam, Ulysses, TiledMLP, TiledFusedLogitsLoss, Liger RoPE/RMSNorm,
-checkpoint offload by DeepSpeed's context manager or ArcticTraining's patch), longseq (longseq.apply + the trainer's
-FSDP2 with CPU offload and AdamW), longseq-nooffload, longseq-nocache (attention recomputed in backward),
-longseq-nooptim. Every model is the random-weight shape from the same seed and every run sees the same token ids,
-so first-step losses must agree. --search finds the longest
-length that fits (doubling, then bisecting at 64K, one step each). Records go to bench/results/peers.jsonl (and
-$OUT/peers.jsonl); the driver prints a table and ends with one JSON line. bench/report_peers.py plots them.
+The driver (bench/peers_driver.py) first times this card's attention and GEMMs at the run's shapes (Note [Ideal step]
+in bench/peers_ideal.py), then starts one fresh torchrun per contender, length and placement (an OOM or a crash
+cannot poison the next run, and host memory is measured per run), each with a time limit, under a total --budget.
+Contenders (bench/peers_contenders.py, peers_alst.py, peers_accelerate.py), each at its best: its training state
+(parameters, gradients, optimizer) is placed on the GPU where it fits and offloaded only after the run on the GPU is
+out of memory (--placement auto; the record states the placement and what was tried). hf: transformers with
+activation checkpointing. hf-offload: transformers' checkpointing with offload=True plus Liger's kernels (what TRL's
+activation offloading and use_liger_kernel give). accelerate-cp (sp > 1): accelerate's ParallelismConfig(cp_size=sp),
+FSDP2 and torch's ring attention, with hf-offload's model. alst, alst-arctic-offload: DeepSpeed ZeRO-3, Ulysses,
+TiledMLP, TiledFusedLogitsLoss, Liger RoPE/RMSNorm, checkpoint offload by DeepSpeed's context manager or
+ArcticTraining's patch. longseq: longseq.apply (--memory, --memory-field) + the trainer's FSDP2 and AdamW;
+longseq-nocache: attention recomputed in backward. Every model is the random-weight shape from the same seed and
+every run sees the same token ids, so first-step losses must agree. A contender that cannot run here (Liger,
+DeepSpeed or CUDA missing) records status "unavailable" and its one-line reason. --search finds the longest length
+that fits (doubling, then bisecting, one step each). Records go to bench/results/peers.jsonl (or --results; and
+$OUT/peers.jsonl); the driver prints a table and ends with one JSON line. bench/report_peers.py writes the report.
 """
 
 from __future__ import annotations
@@ -28,16 +34,16 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from bench.common import machine, model_flops, synchronize, timed
-
-GRANULE = 65536
+from bench.common import model_flops, synchronize, timed
+from bench.peers_records import (
+    PLACEMENTS, ContenderUnavailable, add_run_options, base_record, emit, versions,
+)
 
 
 def make_tokens(length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -53,15 +59,6 @@ def host_peak_gib() -> float:
     return float("nan")
 
 
-def versions() -> dict:
-    found = machine()
-    for name in ("deepspeed", "liger_kernel", "arctic_training"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "?")
-    return found
-
-
 def measure(contender, length: int, args, device: torch.device) -> dict:
     """First step (its loss; the warm-up), then --timed steps; peaks are the max over ranks of the whole run."""
     tokens = make_tokens(length, contender.config.vocab_size, args.seed)
@@ -69,7 +66,10 @@ def measure(contender, length: int, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     loss = contender.step(tokens)
-    seconds = timed(lambda: contender.step(tokens), args.timed) if args.timed else float("nan")
+    timing = dict(step_s=float("nan"))
+    if args.timed:
+        timing = timed(lambda: contender.step(tokens), args.timed).fields("step")
+    seconds = timing["step_s"]
     synchronize()
     cuda = device.type == "cuda"
     peaks = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -80,7 +80,7 @@ def measure(contender, length: int, args, device: torch.device) -> dict:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     extra = dict(profile_top=profile_step(lambda: contender.step(tokens), cuda)) if args.profile else {}
     return dict(status="ok", first_step_loss=loss, peak_gib=peaks[0].item(), reserved_gib=peaks[1].item(),
-                host_peak_gib=peaks[2].item(), step_s=seconds, tokens_per_s_per_gpu=length / seconds / world,
+                host_peak_gib=peaks[2].item(), **timing, tokens_per_s_per_gpu=length / seconds / world,
                 tflops_per_gpu=model_flops(length, contender.config) / seconds / world / 1e12, **extra)
 
 
@@ -100,32 +100,20 @@ def profile_step(step, cuda: bool, top: int = 25) -> list[dict]:
                  share=round(getattr(e, field) / total, 4)) for e in events[:top]]
 
 
-def base_record(args, length: int, world: int) -> dict:
-    return dict(bench="peers", contender=args.contender, shape=args.shape, layers=args.layers or "full",
-                length=length, sp=args.sp, world=world, timed_steps=args.timed, seed=args.seed, device=args.device,
-                omp_threads=os.environ.get("OMP_NUM_THREADS"), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
 
 
-def emit(record: dict, records: str | None) -> None:
-    line = json.dumps(record, sort_keys=True, default=str)
-    if records:
-        with open(records, "a") as fh:
-            fh.write(line + "\n")
-    else:
-        from bench.common import write_record
-
-        write_record("peers", record)
-    print(line, flush=True)
 
 
 def classify(exc: BaseException) -> str:
+    if isinstance(exc, ContenderUnavailable):
+        return "unavailable"
     oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
     return "oom" if oom else "error"
 
 
 def worker(args) -> None:
     """One torchrun: one contender, its lengths in order (stops at the first failure)."""
-    from bench.peers_contenders import prepare
+    from bench.peers_registry import prepare
 
     cuda = args.device == "cuda"
     if cuda:
@@ -145,9 +133,14 @@ def worker(args) -> None:
                       "layers_built": contender.config.num_hidden_layers, **contender.observed(), **versions()},
                      args.records)
     except BaseException as exc:  # noqa: BLE001 - one failing rank must still leave a record behind
-        record = {**base_record(args, length, world), "status": classify(exc), "rank": rank,
-                  "error": f"{type(exc).__name__}: {str(exc)[:600]}", **versions()}
-        traceback.print_exc()
+        status = classify(exc)
+        record = {**base_record(args, length, world), "status": status, "rank": rank,
+                  "error": str(exc) if status == "unavailable" else f"{type(exc).__name__}: {str(exc)[:600]}",
+                  **versions()}
+        if status == "unavailable":
+            print(f"{args.contender}: unavailable: {exc}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         if args.records:
             Path(f"{args.records}.rank{rank}.err").write_text(json.dumps(record, default=str))
         else:
@@ -161,15 +154,11 @@ def worker(args) -> None:
 def worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contender", default="longseq")
-    parser.add_argument("--sp", type=int, default=1, help="sequence-parallel degree = processes of one run")
-    parser.add_argument("--shape", default="llama-8b", choices=["llama-8b", "llama-1b"])
-    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (stated in the record)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536])
-    parser.add_argument("--timed", type=int, default=1, help="timed steps after the first; 0: memory only")
-    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler: top kernels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--placement", default="gpu", choices=PLACEMENTS,
+                        help="where the training state lives (the driver picks it per contender)")
     parser.add_argument("--records", default=None, help="append rank 0's records here (the driver sets it)")
+    add_run_options(parser)
     return parser
 
 
@@ -181,7 +170,10 @@ def main() -> None:
     elif sys.argv[1:2] == ["check-alst"]:
         from bench.peers_alst import self_check
 
-        print(json.dumps(self_check()))
+        try:
+            print(json.dumps(self_check()))
+        except ContenderUnavailable as skipped:
+            print(f"skipped: {skipped}")
     else:
         worker(worker_parser().parse_args())
 

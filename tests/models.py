@@ -18,21 +18,60 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", {"sliding_window": 40, "attn_logit_softcapping": None, "final_logit_softcapping": 5.0}),
     "gemma3": ("Gemma3TextConfig", {"sliding_window": 40}),
 }
+# Hybrids of attention and Gated DeltaNet: a linear-attention layer, then a full-attention one (whatever the depth);
+# key and value head sizes differ, and value heads are twice the key heads, to catch any mix-up.
+LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+              linear_conv_kernel_dim=4)
+HYBRID_FAMILIES = {
+    "qwen3_next": ("Qwen3NextConfig", {**LINEAR, "num_experts": 0}),
+    "qwen3_next_moe": ("Qwen3NextConfig", {**LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
+                                           "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
+    "qwen3_5": ("Qwen3_5TextConfig", LINEAR),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", {**LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
+    "olmo_hybrid": ("OlmoHybridConfig", {**LINEAR, "pad_token_id": None, "eos_token_id": None, "bos_token_id": None}),
+}
+HYBRIDS = tuple(HYBRID_FAMILIES)
+
+# Mixture-of-experts families, with the router loss on (and a coefficient large enough to show in every gradient).
+_ROUTED = {"output_router_logits": True, "router_aux_loss_coef": 0.5, "num_experts_per_tok": 2}
+MOE_FAMILIES = {
+    # layer 0 dense (mlp_only_layers), layer 1 experts
+    "qwen3_moe": ("Qwen3MoeConfig", {**_ROUTED, "num_experts": 8, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                     "mlp_only_layers": [0]}),
+    "mixtral": ("MixtralConfig", {**_ROUTED, "num_local_experts": 8, "intermediate_size": 32, "sliding_window": 40}),
+    # sliding and full layers alternate; attention sinks; loaded as eager (transformers refuses SDPA for it)
+    "gpt_oss": ("GptOssConfig", {**_ROUTED, "num_local_experts": 8, "intermediate_size": 32, "sliding_window": 24}),
+}
 
 
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides) -> torch.nn.Module:
-    config_name, extra = FAMILIES[family]
+    config_name, extra = {**FAMILIES, **MOE_FAMILIES, **HYBRID_FAMILIES}[family]
     settings = {**COMMON, **extra, **overrides}
-    if family == "gemma3":  # alternate windowed and full layers, whatever the depth
-        settings.setdefault("layer_types", ["sliding_attention", "full_attention"] * settings["num_hidden_layers"])
+    alternating = {"gemma3": "sliding_attention", **{h: "linear_attention" for h in HYBRIDS}}
+    if family in alternating:  # alternate windowed or linear layers with full ones, whatever the depth
+        settings.setdefault("layer_types", [alternating[family], "full_attention"] * settings["num_hidden_layers"])
         settings["layer_types"] = settings["layer_types"][:settings["num_hidden_layers"]]
     config = getattr(transformers, config_name)(**settings)
-    # transformers refuses SDPA for Gemma-2 because of attention softcapping, which these configs switch off.
-    load_as = "eager" if family == "gemma2" else attn
+    # transformers refuses SDPA for Gemma-2 because of attention softcapping, which these configs switch off, and for
+    # GPT-OSS because of its attention sinks, which longseq's attention handles.
+    load_as = "eager" if family in ("gemma2", "gpt_oss") else attn
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=load_as).float()
     model.config._attn_implementation = attn
+    _slow_decay(model)
     return model.train()
+
+
+def _slow_decay(model: torch.nn.Module) -> None:
+    """Slow Gated DeltaNet decays, g ≈ −0.007 .. −0.1 per token (A in [0.01, 0.15], dt_bias 0). With the models'
+    initialisation (A up to 16) most heads forget within a token, so a state handed between ranks would hardly
+    matter and the tests of its hand-off could not fail."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("GatedDeltaNet"):
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 0.15).log())
+                module.dt_bias.zero_()
 
 
 def batch(length: int, rows: int = 1, documents: list[int] | None = None, vocab: int = 256, seed: int = 1) -> dict:

@@ -42,3 +42,27 @@ def _fsdp(ring: int, memory: bool):
 @pytest.mark.parametrize("ring,memory", [(1, True), (2, True), (1, False)])
 def test_fsdp2_matches_unsharded(ring, memory):
     run_distributed(_fsdp, 2, ring, memory)
+
+
+def _fsdp_experts():
+    """GPT-OSS under FSDP2 at sp = 2 with every memory feature: tiled experts see the unsharded parameters, and the
+    router loss joins the loss."""
+    mesh = longseq.init_mesh(sp=2)
+    model = tiny_model("gpt_oss")
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "eager"
+    data = batch(127, rows=2)
+    ref_loss = reference(**data, use_cache=False).loss
+    ref_loss.backward()
+    longseq.apply(model, mesh, longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0))
+    apply_fsdp(model, torch.device("cpu"), param_dtype=torch.float32, cpu_offload=False)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), expected[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_mixture_of_experts():
+    run_distributed(_fsdp_experts, 2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longseq.loss import LossConfig, cross_entropy_sum
 from longseq.memory import MemoryConfig, lm_head_cross_entropy_sum, tiled_cross_entropy_sum
 from longseq.memory.tiled_loss import loss_tile_tokens
 from tests.models import assert_grads_equal, shifted_labels, tiny_model
@@ -148,3 +149,105 @@ def test_gemma3_softcap_read_from_config():
     want.backward()
     (total / count).backward()
     assert_grads_equal(reference, model)
+
+
+# Note [Loss options]: label smoothing, z-loss and per-token weights, tiled and untiled, against the full logits.
+
+OPTIONS = [LossConfig(label_smoothing=0.1), LossConfig(z_loss=1e-2), LossConfig(label_smoothing=0.2, z_loss=1e-3)]
+
+
+def _reference_with_options(hidden, weight, bias, labels, loss, weights=None, softcap=None):
+    """Note [Loss options] written out on the full fp32 logits (autograd gives the reference gradient)."""
+    logits = F.linear(hidden, weight, bias).float().reshape(-1, V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    targets = labels.reshape(-1)
+    valid = targets != -100
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    eps = loss.label_smoothing
+    per_token = lse - (1 - eps) * picked - eps / V * logits.sum(-1) + loss.z_loss * lse.square()
+    scale = torch.ones_like(per_token) if weights is None else weights.reshape(-1).float()
+    return (per_token * scale)[valid].sum()
+
+
+@pytest.mark.parametrize("loss", OPTIONS, ids=["smoothing", "z_loss", "both"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("softcap,tile", [(None, 7), (3.0, 1000)])
+def test_loss_options_match_full_logits(loss, weighted, softcap, tile):
+    hidden, weight, bias, labels = _inputs((2, 61))
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5)) * 2 if weighted else None
+    tensors = [hidden, weight, bias]
+    want = _reference_with_options(hidden, weight, bias, labels, loss, weights, softcap)
+    want_grads = torch.autograd.grad(want * 0.37, tensors)
+    tiled, count = tiled_cross_entropy_sum(hidden, weight, labels, bias=bias, softcap=softcap, tile_tokens=tile,
+                                           loss=loss, weights=weights)
+    untiled, _ = cross_entropy_sum(hidden, lambda h: F.linear(h, weight, bias), labels, softcap, loss, weights)
+    assert count.item() == (labels != -100).sum().item()
+    for got in (tiled, untiled):
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got * 0.37, tensors), want_grads):
+            torch.testing.assert_close(g, w)
+
+
+def test_label_smoothing_is_transformers_label_smoother():
+    """TrainingArguments.label_smoothing_factor's LabelSmoother (unshifted labels, HF logits) gives the same mean."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    hidden, weight, bias, labels = _inputs((2, 40))
+    logits = F.linear(hidden, weight, bias)
+    unshifted = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
+    hf_padded = torch.cat([logits, logits[:, :1]], dim=1)  # LabelSmoother drops the last position's logits
+    want = LabelSmoother(epsilon=0.1)({"logits": hf_padded}, torch.cat([unshifted, labels[:, -1:]], dim=1),
+                                      shift_labels=True)
+    total, count = tiled_cross_entropy_sum(hidden, weight, labels, bias=bias, tile_tokens=9,
+                                           loss=LossConfig(label_smoothing=0.1))
+    torch.testing.assert_close(total / count, want)
+
+
+def test_unsupported_loss_options_fail_clearly():
+    hidden, weight, _, labels = _inputs((2, 10))
+    with pytest.raises(ValueError, match=r"reduction='none'\) is not supported"):
+        tiled_cross_entropy_sum(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="weights must be constants"):
+        tiled_cross_entropy_sum(hidden, weight, labels, weights=torch.ones(labels.shape, requires_grad=True))
+    with pytest.raises(ValueError, match="labels' shape"):
+        tiled_cross_entropy_sum(hidden, weight, labels, weights=torch.ones(labels.shape[1]))
+    with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
+        LossConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="z_loss=-1 must be >= 0"):
+        LossConfig(z_loss=-1)
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_apply_passes_loss_options_and_weights(tiled):
+    """longseq.apply(loss=...) and a batch's shift_loss_weights reach the loss, tiled or not."""
+    import longseq
+
+    reference = tiny_model("llama")
+    model = tiny_model("llama")
+    options = LossConfig(label_smoothing=0.1, z_loss=1e-3)
+    longseq.apply(model, memory=MemoryConfig(tile_tokens=16, tiled_loss=tiled, offload_checkpoints=False),
+                  loss=options)
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(6))
+    labels = shifted_labels(ids)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(7))
+    hidden = reference.model(ids).last_hidden_state
+    want = _hf_reference(reference, hidden, labels, options, weights)
+    batch = {"input_ids": ids, "shift_labels": labels, "shift_loss_weights": weights}
+    got = longseq.causal_lm_loss(model, batch)
+    torch.testing.assert_close(got, want)
+    want.backward()
+    got.backward()
+    assert_grads_equal(reference, model)
+
+
+def _hf_reference(model, hidden, labels, loss, weights):
+    logits = model.lm_head(hidden).float().reshape(-1, model.config.vocab_size)
+    targets = labels.reshape(-1)
+    valid = targets != -100
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    eps, vocab = loss.label_smoothing, logits.shape[-1]
+    per_token = (lse - (1 - eps) * picked - eps / vocab * logits.sum(-1) + loss.z_loss * lse.square())
+    return (per_token * weights.reshape(-1))[valid].sum() / valid.sum()

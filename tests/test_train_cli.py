@@ -30,7 +30,8 @@ def write_config(tmp: Path, run: str, **sections) -> Path:
     if not data.exists():
         data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n" + f"    return x * {i} + {i % 7}\n" * (i % 9 + 1)})
                                 + "\n" for i in range(120)))
-    config = {"model": {"config": TINY_MODEL}, "data": {"paths": [str(data)], "seq_len": 128},
+    config = {"model": {"config": TINY_MODEL},
+              "data": {"paths": [str(data)], "seq_len": 128, "cache_dir": str(tmp / "token-cache")},
               "optim": {"lr": 3e-3, "warmup_steps": 1}, "training": {"steps": 4, "batch_size": 1},
               "checkpoint": {"every": 2, "keep": None, "export_hf": False},
               "metrics": {"run_dir": str(tmp / run), "progress": False, "tensorboard": False}}
@@ -39,6 +40,19 @@ def write_config(tmp: Path, run: str, **sections) -> Path:
     path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def eval_docs(tmp: Path) -> str:
+    """Held-out documents unlike the training ones (29 rows of 128 tokens)."""
+    path = tmp / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": f"class C{i}:\n" + f"    value = {i} - {i % 5}\n" * (i % 6 + 2)})
+                            + "\n" for i in range(40)))
+    return str(path)
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
 
 
 def env() -> dict:
@@ -61,10 +75,11 @@ def check(result) -> None:
 
 @pytest.fixture(scope="module")
 def sp2_run(tmp_path_factory):
-    """4 steps on 2 ranks with sp=2, checkpoints at 2 and 4, and the HF export."""
+    """4 steps on 2 ranks with sp=2, checkpoints at 2 and 4, evaluation at 2 and 4, and the HF export."""
     tmp = tmp_path_factory.mktemp("sp2")
     config = write_config(tmp, "sp2", parallel={"sp": 2}, checkpoint={"export_hf": True},
-                          metrics={"tensorboard": True})
+                          metrics={"tensorboard": True},
+                          eval={"paths": [eval_docs(tmp)], "every": 2, "max_sequences": 7})
     check(torchrun("-m", "longseq.cli", "train", str(config)))
     return tmp, config
 
@@ -78,6 +93,17 @@ def test_sp2_run_writes_everything(sp2_run):
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_000002", "step_000004"}
     assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["sp"] == 2
     assert list((run / "tensorboard").iterdir())
+
+
+def test_eval_loss_is_exact_under_sequence_parallelism(sp2_run, tmp_path):
+    """The sharded eval loss at sp=2 equals one process's at sp=1, evaluated on the same rows after the same steps."""
+    tmp, config = sp2_run
+    _in_process(config, "--parallel.sp=1", f"--metrics.run_dir={tmp_path / 'sp1'}", "--checkpoint.export_hf=false")
+    sharded, single = eval_losses(tmp / "sp2"), eval_losses(tmp_path / "sp1")
+    assert sorted(sharded) == sorted(single) == [2, 4]
+    torch.testing.assert_close(torch.tensor([sharded[2], sharded[4]]), torch.tensor([single[2], single[4]]),
+                               atol=2e-6, rtol=2e-6)
+    assert sharded[4] < sharded[2]
 
 
 def test_resume_is_exact(sp2_run, tmp_path):
@@ -118,7 +144,8 @@ def _free_port() -> int:
 def test_dp2_one_node_and_two_nodes(tmp_path):
     """dp=2 on one node; the same run on two torchrun agents (rendezvous on localhost) gives identical losses,
     and both match one process accumulating the same 4 rows per step."""
-    config = write_config(tmp_path, "dp2", parallel={"dp": 2}, training={"grad_accum": 2, "steps": 3})
+    evaluation = {"paths": [eval_docs(tmp_path)], "max_sequences": 5}  # odd: one dp rank runs an empty last round
+    config = write_config(tmp_path, "dp2", parallel={"dp": 2}, training={"grad_accum": 2, "steps": 3}, eval=evaluation)
     check(torchrun("-m", "longseq.cli", "train", str(config)))
     port = _free_port()
     agents = [subprocess.Popen(
@@ -130,14 +157,17 @@ def test_dp2_one_node_and_two_nodes(tmp_path):
         out, err = agent.communicate(timeout=180)
         assert agent.returncode == 0, err[-6000:]
     assert losses(tmp_path / "nodes") == losses(tmp_path / "dp2")
-    _in_process(write_config(tmp_path, "single", training={"grad_accum": 4, "steps": 3}))
+    _in_process(write_config(tmp_path, "single", training={"grad_accum": 4, "steps": 3}, eval=evaluation))
     single, dp2 = losses(tmp_path / "single"), losses(tmp_path / "dp2")
     for step in (1, 2, 3):
         torch.testing.assert_close(torch.tensor(single[step]), torch.tensor(dp2[step]), atol=2e-6, rtol=2e-6)
+    assert list(eval_losses(tmp_path / "dp2")) == [3]
+    torch.testing.assert_close(eval_losses(tmp_path / "dp2")[3], eval_losses(tmp_path / "single")[3], atol=2e-6,
+                               rtol=2e-6)
 
 
 def _in_process(config: Path, *overrides: str):
-    from longseq.train.config import load_config
+    from longseq.train.config_loader import load_config
     from longseq.train.loop import train
 
     return train(load_config(config, list(overrides)))
@@ -156,7 +186,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(loop, "train_step", interrupted_at_2)
-    with pytest.raises(loop.Interrupted, match="stopped at step 2 after Ctrl-C"):
+    with pytest.raises(loop.Interrupted, match="stopped at step 2 by SIGINT"):
         _in_process(config)
     assert (tmp_path / "interrupted" / "checkpoints" / "step_000002" / ".metadata").exists()
     monkeypatch.setattr(loop, "train_step", original)
@@ -173,16 +203,19 @@ def test_out_of_memory_is_explained(tmp_path, monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(loop, "train_step", oom)
-    assert main(["train", str(write_config(tmp_path, "oom"))]) == 1
+    assert main(["train", str(write_config(tmp_path, "oom", memory={"tiled_loss": False}))]) == 1
     err = capsys.readouterr().err
     assert "out of memory at step 1 with data.seq_len=128" in err
     assert "--memory.tiled_loss=true" in err and "raise parallel.sp" in err
+    assert "--memory.tiled_mlp=true" not in err  # already on
+    assert main(["train", str(write_config(tmp_path, "oom_plain")), "--memory=false"]) == 1
+    assert "drop `memory: false`" in capsys.readouterr().err
 
 
 def test_length_the_mesh_cannot_shard():
     from longseq.mesh import Mesh
     from longseq.train.config import ConfigError
-    from longseq.train.loop import check_shardable
+    from longseq.train.preflight import check_shardable
 
     with pytest.raises(ConfigError, match="data.seq_len=130 cannot be split evenly over sp=4.*data.seq_len=132"):
         check_shardable(130, Mesh(world_size=4, sp=4, ulysses=4))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from longseq.cli import main as cli_main
-from longseq.train.config import ConfigError, field_docs, from_dict, load_config, sections
+from longseq.train.config import ConfigError
+from longseq.train.config_loader import field_docs, from_dict, load_config, sections
 from longseq.train.demo import DEMO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,22 @@ def test_yaml_then_overrides(tmp_path):
     assert config.optim.lr == 1e-4 and config.data.seq_len == 256
     assert config.data.paths == ["a.jsonl", "b.jsonl"]
     assert config.training.cpu_offload is True and config.checkpoint.keep is None
-    assert config.memory.tile_tokens == 512 and config.memory.tiled_mlp  # any memory key: features on
-    assert load_config(path, ["--memory.tiled_mlp=false", "--memory=null"]).memory is None
+    assert config.memory.tile_tokens == 512
+
+
+def test_memory_keys_set_only_themselves(tmp_path):
+    """The memory section's defaults are MemoryConfig()'s (all on); a key changes that key; false switches all off."""
+    from longseq import MemoryConfig
+
+    assert load_config(None, [], base=MINIMAL).memory == MemoryConfig()
+    one_off = load_config(None, ["--memory.tiled_mlp=false"], base=MINIMAL).memory
+    assert one_off == MemoryConfig(tiled_mlp=False)
+    assert load_config(None, ["--memory.tiled_mlp=false", "--memory=false"], base=MINIMAL).memory is None
+    path = tmp_path / "off.yaml"
+    path.write_text("model: {config: {model_type: llama}}\ndata: {paths: [a.jsonl]}\nmemory: false\n")
+    assert load_config(path).memory is None
+    with pytest.raises(ConfigError, match="memory is switched off .*drop `memory: false`"):
+        load_config(path, ["--memory.tiled_loss=true"])
 
 
 @pytest.mark.parametrize("overrides,message", [

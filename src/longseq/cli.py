@@ -12,9 +12,10 @@ import difflib
 import importlib
 import sys
 
-# name -> (one-line summary, "module:function" taking argv and returning an exit code). `plan` and `bench` go here.
+# name -> (one-line summary, "module:function" taking argv and returning an exit code); a new command is one entry.
 COMMANDS = {
     "train": ("Train a causal LM on long sequences (FSDP2 + sequence parallelism).", "longseq.train.command:main"),
+    "plan": ("The fastest configuration that fits, or the longest length (no GPU needed).", "longseq.plan.command:main"),
 }
 
 

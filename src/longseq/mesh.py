@@ -8,6 +8,7 @@ the ring's point-to-point traffic is what crosses nodes.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -64,10 +65,8 @@ def init_mesh(
         model's heads allow (pass `model` or its config) and ring for the rest; pure Ulysses without a model.
     backend: process-group backend when longseq initialises torch.distributed itself (default nccl on CUDA, else gloo).
     """
-    if not dist.is_initialized():
-        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-        elif (sp or 1) > 1 or (dp or 1) > 1:
+    if not init_distributed(backend) and not dist.is_initialized():
+        if (sp or 1) > 1 or (dp or 1) > 1:
             raise RuntimeError(
                 f"init_mesh(sp={sp}, dp={dp}) needs {max(sp or 1, 1) * max(dp or 1, 1)} processes, but "
                 "torch.distributed is not initialised. Launch with `torchrun --nproc-per-node N ...` "
@@ -82,6 +81,32 @@ def init_mesh(
         return Mesh(device=device)
     groups = _build_groups(world, rank, sp, ulysses)
     return Mesh(world_size=world, rank=rank, dp=dp, sp=sp, ulysses=ulysses, ring=ring, device=device, **groups)
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or a launcher setting the same variables) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None, *, one_process: bool = False) -> bool:
+    """Start torch.distributed the one way longseq does; True if this call started it.
+
+    Under torchrun: join its group (env://) on the local GPU. Otherwise, with one_process, a group of one (FSDP2 and
+    torch.distributed.checkpoint want one; an in-memory store needs no port); else nothing. Backend: nccl on CUDA,
+    gloo on CPU. Collectives time out after LONGSEQ_TIMEOUT_MIN minutes (30), so a peer that hangs without exiting
+    fails the run instead of stalling it forever.
+    """
+    if dist.is_initialized() or not (one_process or under_torchrun()):
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = datetime.timedelta(minutes=int(os.environ.get("LONGSEQ_TIMEOUT_MIN", "30")))
+    if under_torchrun():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return True
 
 
 def _resolve_degrees(world: int, sp: int | None, dp: int | None) -> tuple[int, int]:

@@ -68,7 +68,9 @@ def _jsonl(path: Path, text_field: str, split: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number} is not valid JSON ({e.msg}).") from e
+                raise DataError(f"{path}:{number}:{e.colno}: not valid JSON: {e.msg}: line {number} column {e.colno} "
+                                "(each line of a .jsonl file is one JSON object; strings escape newlines and tabs as "
+                                "\\n and \\t). Fix or remove that line.") from e
             if not isinstance(record, dict) or text_field not in record:
                 raise DataError(f"{path}:{number} has no {text_field!r} key; set data.text_field.")
             yield record[text_field]

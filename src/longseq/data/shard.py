@@ -27,7 +27,9 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """This rank's slice of a batch of input_ids (B, S) with optional labels, position_ids, attention_mask.
 
     Returns input_ids, position_ids, shift_labels (and any other (B, S, ...) tensor) for this rank; tensors of
-    other shapes pass through unchanged. Feed the result to `longseq.causal_lm_loss` or `model(**batch)`.
+    other shapes pass through unchanged. Where some token is padding (added here, or zero in the given
+    attention_mask), also token_mask: True for the batch's own tokens (the router load-balancing loss counts only
+    those). Feed the result to `longseq.causal_lm_loss` or `model(**batch)`.
     """
     if "input_ids" not in batch:
         raise ValueError("shard_batch needs 'input_ids' of shape (batch, sequence).")
@@ -43,6 +45,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         )
     full = _full_batch(batch)
     padded = -(-length // pieces) * pieces
+    if padded > length and "token_mask" not in full:
+        full["token_mask"] = torch.ones(rows, length, dtype=torch.bool, device=input_ids.device)
     order = zigzag_order(padded, mesh.ring, device=input_ids.device)
     local = padded // mesh.sp
     mine = order[mesh.sp_rank * local:(mesh.sp_rank + 1) * local]
@@ -70,6 +74,7 @@ def _full_batch(batch: dict) -> dict:
                 "into full rows with position_ids restarting per document."
             )
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        full["token_mask"] = mask != 0
     if "position_ids" not in full:
         full["position_ids"] = torch.arange(length, device=input_ids.device).expand(rows, length)
     shift = torch.full_like(labels, IGNORE_INDEX)
@@ -122,23 +127,28 @@ def gather_sequence(local: torch.Tensor, mesh: Mesh, length: int | None = None) 
     return natural if length is None else natural[:, :length]
 
 
-def place_documents(tokens: dict[str, torch.Tensor], mesh: Mesh) -> tuple[dict, list[list[int]], list[Layout] | None]:
+def place_documents(tokens: list[torch.Tensor], mesh: Mesh) -> tuple[list, list[list[int]], list[Layout] | None]:
     """Move this rank's (B, s) token tensors from zigzag to Note [Document placement] (balance.py).
 
-    tokens: this rank's slices from shard_batch, among them position_ids. Returns the same keys holding this rank's
+    tokens: this rank's slices from shard_batch, position_ids first. Returns the same tensors holding this rank's
     tokens of the new placement (same shapes), the rows' document boundaries, and their layouts (None: every row is
     one document, zigzag already balances it, and nothing moved).
     """
-    names = list(tokens)
-    local = torch.stack([tokens[name].long() for name in names], dim=-1)
-    check_equal_slices(local, mesh.sp_group, mesh.sp)
-    full = gather_sequence(local, mesh)
-    boundaries = document_boundaries(full[..., names.index("position_ids")])
+    check_equal_slices(tokens[0], mesh.sp_group, mesh.sp)
+    positions = gather_sequence(tokens[0], mesh)
+    boundaries = document_boundaries(positions)
     if mesh.ring == 1 or is_single_document(boundaries):
         return tokens, boundaries, None
     layouts = [document_layout(row, mesh.ring) for row in boundaries]
-    s = local.shape[1]
+    s = tokens[0].shape[1]
     first = mesh.ring_rank * s * mesh.ulysses + mesh.ulysses_rank * s
-    index = torch.stack([layout_order(layout)[first:first + s] for layout in layouts]).to(full.device)
-    placed = full.gather(1, index.unsqueeze(-1).expand(-1, -1, len(names)))
-    return {name: placed[..., i].to(tokens[name].dtype) for i, name in enumerate(names)}, boundaries, layouts
+    index = torch.stack([layout_order(layout)[first:first + s] for layout in layouts]).to(positions.device)
+    full = [positions] + [_gathered(t, mesh) for t in tokens[1:]]
+    return [t.gather(1, index) for t in full], boundaries, layouts
+
+
+def _gathered(local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """gather_sequence, with bool tensors (token_mask) travelling as bytes: not every backend gathers bool."""
+    if local.dtype == torch.bool:
+        return gather_sequence(local.view(torch.uint8), mesh).view(torch.bool)
+    return gather_sequence(local, mesh)

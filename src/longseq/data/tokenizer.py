@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,14 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
+    def identity(self) -> dict:
+        """What the token cache's key records of this tokenizer."""
+        return {"name": "byte", "vocab_size": self.vocab_size}
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records of this tokenizer (tokens mean the same thing if these match)."""
+        return self.identity()
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory (AutoTokenizer.from_pretrained)."""
@@ -28,6 +38,7 @@ class HFTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
+        self.path = Path(path)
         self.inner = AutoTokenizer.from_pretrained(path)
         self.bos_token_id = self.inner.bos_token_id
         self.eos_token_id = self.inner.eos_token_id
@@ -38,6 +49,17 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.inner.decode(list(ids))
+
+    def identity(self) -> dict:
+        """The directory and its files' names, sizes and modification times (a changed file is another tokenizer)."""
+        files = sorted(f for f in self.path.iterdir() if f.is_file())
+        return {"name": str(self.path.resolve()), "vocab_size": self.vocab_size,
+                "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+    def fingerprint(self) -> dict:
+        """The vocabulary's content, wherever the directory lives (tokens mean the same thing if these match)."""
+        vocab = json.dumps(sorted(self.inner.get_vocab().items()))
+        return {"vocab_size": self.vocab_size, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16]}
 
 
 def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:

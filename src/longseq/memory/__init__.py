@@ -2,6 +2,7 @@
 
     config.py              MemoryConfig: which features, tile sizes, host budget
     tiled.py               Note [Tiled compute]: the MLP and RMSNorms of each decoder layer over sequence tiles
+    tiled_moe.py           Note [Tiled experts]: expert blocks over sequence tiles, with their router statistics
     tiled_loss.py          Note [Tiled loss]: lm_head + cross-entropy over token tiles
     checkpoint_offload.py  Note [Checkpoint offload]: every decoder layer checkpointed, its input in host memory
     attention_cache.py     Note [Attention output cache]: attention outputs kept from forward for the recompute

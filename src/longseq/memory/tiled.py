@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from longseq.memory.config import MIB, MemoryConfig
-from longseq.models.anatomy import decoder_mlps, decoder_norms
+from longseq.models.anatomy import decoder_expert_blocks, decoder_mlps, decoder_norms
 
 
-def _tiles(length: int, tile: int):
+def tile_ranges(length: int, tile: int) -> list[tuple[int, int]]:
+    """[start, end) of each tile of `tile` positions over `length` positions."""
     return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
@@ -44,7 +45,7 @@ class TiledFunction(torch.autograd.Function):
         ctx.fn, ctx.tile_tokens = fn, tile_tokens
         ctx.save_for_backward(x, *params)
         out = None
-        for start, end in _tiles(x.shape[-2], tile_tokens):
+        for start, end in tile_ranges(x.shape[-2], tile_tokens):
             piece = fn(x[..., start:end, :])
             if out is None:
                 out = piece.new_empty(*piece.shape[:-2], x.shape[-2], piece.shape[-1])
@@ -55,26 +56,42 @@ class TiledFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
         need_x = ctx.needs_input_grad[2]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        sums = ParameterGradients(params, ctx.needs_input_grad[3:])
         grad_x = torch.empty_like(x) if need_x else None
-        grad_params: list[torch.Tensor | None] = [None] * len(wanted)
-        for start, end in _tiles(x.shape[-2], ctx.tile_tokens):
+        for start, end in tile_ranges(x.shape[-2], ctx.tile_tokens):
             x_tile = x[..., start:end, :].detach().requires_grad_(need_x)
             with torch.enable_grad():
                 out = ctx.fn(x_tile)
-            inputs = ([x_tile] if need_x else []) + wanted
+            inputs = ([x_tile] if need_x else []) + sums.wanted
             grads = torch.autograd.grad(out, inputs, grad_out[..., start:end, :], allow_unused=True)
             if need_x:
                 grad_x[..., start:end, :] = grads[0]
-                grads = grads[1:]
-            for i, g in enumerate(grads):
-                if g is not None:
-                    if grad_params[i] is None:
-                        grad_params[i] = g.to(torch.promote_types(g.dtype, torch.float32))
-                    else:
-                        grad_params[i].add_(g)
-        per_param = iter(g if g is None else g.to(p.dtype) for g, p in zip(grad_params, wanted))
-        return (None, None, grad_x, *(next(per_param) if need else None for need in ctx.needs_input_grad[3:]))
+            sums.add(grads[need_x:])
+        return (None, None, grad_x, *sums.result())
+
+
+class ParameterGradients:
+    """Parameter gradients summed over tiles in fp32 (at least) and rounded to each parameter's dtype once
+    (Note [Tiled compute])."""
+
+    def __init__(self, params, needs_grad):
+        self.needs_grad = list(needs_grad)
+        self.wanted = [p for p, need in zip(params, self.needs_grad) if need]
+        self.sums: list[torch.Tensor | None] = [None] * len(self.wanted)
+
+    def add(self, grads) -> None:
+        """One tile's gradients of `wanted` (None where a parameter took no part)."""
+        for i, g in enumerate(grads):
+            if g is not None:
+                if self.sums[i] is None:
+                    self.sums[i] = g.to(torch.promote_types(g.dtype, torch.float32))
+                else:
+                    self.sums[i].add_(g)
+
+    def result(self) -> tuple:
+        """One entry per parameter given: its summed gradient in its dtype, or None."""
+        rounded = iter(g if g is None else g.to(p.dtype) for g, p in zip(self.sums, self.wanted))
+        return tuple(next(rounded) if need else None for need in self.needs_grad)
 
 
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *params: torch.Tensor, tile_tokens: int):
@@ -155,12 +172,14 @@ def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
 
 
 def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
-    """Run every decoder layer's MLP over sequence tiles (Note [Tiled compute]); returns the model."""
+    """Run every decoder layer's dense MLP over sequence tiles (Note [Tiled compute]); returns the model. Expert
+    blocks are tiled by longseq.apply (models/moe.py, Note [Tiled experts]), which also collects their router
+    statistics."""
     mlps = decoder_mlps(model)
-    if not mlps:
+    if not mlps and not decoder_expert_blocks(model):
         raise ValueError(
             f"MemoryConfig.tiled_mlp=True, but no decoder layer of {type(model).__name__} has an `mlp` whose class "
-            "name ends in 'MLP' (mixture-of-experts blocks are not tiled). Set tiled_mlp=False for this model."
+            "name ends in 'MLP', nor a mixture-of-experts block. Set tiled_mlp=False for this model."
         )
     if any(hasattr(mlp, "_longseq_tile_config") for mlp in mlps):
         raise ValueError("apply_tiled_mlp was already applied to this model; apply it once.")

@@ -21,6 +21,10 @@ at the end, which costs V × H × 4 bytes while the loss runs (Llama-3-8B: 12825
 `fp32_weight_grad=False` accumulates in the weight's dtype instead. The fp32 partial products are added one vocab
 chunk at a time so no V × H temporary in bf16 appears either.
 
+Label smoothing, a z-loss and per-token weights change the per-token loss and dz as Note [Loss options] (loss.py)
+gives; they stay inside the tile loop, so they cost no memory. A per-token loss vector (reduction="none") is not
+offered: its gradient needs every token's incoming gradient, which is only known after the forward has gone.
+
 Returning (sum, count) rather than a mean is what lets the caller form an exact global mean over sequence- and
 data-parallel ranks: all-reduce both, then divide.
 """
@@ -30,8 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longseq.loss import IGNORE_INDEX
+from longseq.loss import IGNORE_INDEX, LossConfig
 from longseq.memory.config import MIB, MemoryConfig
+
 _VOCAB_CHUNK = 8192
 
 
@@ -40,24 +45,35 @@ def loss_tile_tokens(vocab_size: int, tile_memory_mib: int) -> int:
     return max(1, tile_memory_mib * MIB // (vocab_size * 4 * 2))
 
 
-def _tile_loss(h, weight, bias, labels, softcap, ignore_index, want_grad):
-    """Sum of CE over one tile's valid tokens and, if wanted, d(sum)/d(logits) in fp32."""
+def _tile_loss(h, weight, bias, labels, token_weights, softcap, ignore_index, loss: LossConfig, want_grad):
+    """Summed loss of one tile's valid tokens (Note [Loss options]) and, if wanted, d(sum)/d(logits) in fp32."""
     logits = F.linear(h, weight, bias).float()
     if softcap is not None:
         tanh = torch.tanh(logits.div_(softcap))
         logits = tanh * softcap
     valid = labels != ignore_index
+    scale = valid.float() if token_weights is None else torch.where(valid, token_weights.float(), 0.0)
     target = torch.where(valid, labels, 0).unsqueeze(-1)
     lse = torch.logsumexp(logits, dim=-1)
-    per_token = lse - logits.gather(-1, target).squeeze(-1)
-    loss = torch.where(valid, per_token, 0.0).sum()
+    smoothing, vocab = loss.label_smoothing, logits.shape[-1]
+    per_token = lse - (1 - smoothing) * logits.gather(-1, target).squeeze(-1)
+    if smoothing:
+        per_token -= smoothing / vocab * logits.sum(-1)
+    if loss.z_loss:
+        per_token += loss.z_loss * lse.square()
+    total = torch.where(valid, per_token * scale, 0.0).sum()
     if not want_grad:
-        return loss, None
-    grad = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(valid.unsqueeze(-1))
-    grad.scatter_add_(-1, target, -valid.unsqueeze(-1).float())
+        return total, None
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_()
+    if loss.z_loss:
+        grad.mul_((1 + 2 * loss.z_loss * lse).unsqueeze(-1))
+    grad.scatter_add_(-1, target, torch.full_like(lse, smoothing - 1).unsqueeze(-1))
+    if smoothing:
+        grad.sub_(smoothing / vocab)
+    grad.mul_(scale.unsqueeze(-1))
     if softcap is not None:
         grad.mul_(1 - tanh.square_())
-    return loss, grad
+    return total, grad
 
 
 def _add_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
@@ -72,7 +88,8 @@ class TiledCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy over valid tokens; grads computed eagerly per tile. See Note [Tiled loss]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, softcap, ignore_index, tile_tokens, fp32_weight_grad, wants):
+    def forward(ctx, hidden, weight, bias, labels, token_weights, softcap, ignore_index, loss, tile_tokens,
+                fp32_weight_grad, wants):
         want_h, want_w, want_b = wants
         acc_dtype = torch.float32 if fp32_weight_grad else weight.dtype
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -80,17 +97,19 @@ class TiledCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], tile_tokens):
-            h = hidden[start : start + tile_tokens]
-            loss, grad = _tile_loss(h, weight, bias, labels[start : start + tile_tokens], softcap, ignore_index,
-                                    any(wants))
-            total += loss
+            tile = slice(start, start + tile_tokens)
+            h = hidden[tile]
+            tile_weights = None if token_weights is None else token_weights[tile]
+            tile_sum, grad = _tile_loss(h, weight, bias, labels[tile], tile_weights, softcap, ignore_index, loss,
+                                        any(wants))
+            total += tile_sum
             if grad is None:
                 continue
             if want_b:
                 grad_b += grad.sum(0)
             grad = grad.to(hidden.dtype)
             if want_h:
-                grad_h[start : start + tile_tokens] = grad @ weight
+                grad_h[tile] = grad @ weight
             if want_w:
                 _add_weight_grad(grad_w, grad, h)
         grads = [g for g in (grad_h, grad_w, grad_b) if g is not None]
@@ -102,7 +121,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved).mul_(grad_total) if want else None for want in ctx.wants]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _present(wants, *tensors):
@@ -120,13 +139,23 @@ def tiled_cross_entropy_sum(
     tile_tokens: int | None = None,
     tile_memory_mib: int = 256,
     fp32_weight_grad: bool = True,
+    loss: LossConfig | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token CE over valid tokens in fp32, number of valid tokens), logits built tile by tile.
+    """(sum of per-token losses over valid tokens in fp32, number of valid tokens), logits built tile by tile.
 
     hidden: (B, S, H) or (N, H), the final hidden states. weight: lm_head weight (V, H) (the embedding matrix when
     tied). labels: already shifted (the target of token t sits at t), `ignore_index` marks tokens without a target.
-    tile_tokens defaults to loss_tile_tokens(V, tile_memory_mib). See Note [Tiled loss].
+    tile_tokens defaults to loss_tile_tokens(V, tile_memory_mib). loss: label smoothing and z-loss; weights: one
+    constant per label (Note [Loss options]). See Note [Tiled loss].
     """
+    if reduction != "sum":
+        raise ValueError(
+            f"tiled_cross_entropy_sum(reduction={reduction!r}) is not supported: the tiled loss computes its gradient "
+            "during the forward, for one summed objective. Weight tokens with weights=..., or set "
+            "MemoryConfig.tiled_loss=False and reduce the full logits yourself."
+        )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if flat_labels.shape[0] != flat_hidden.shape[0]:
@@ -134,19 +163,32 @@ def tiled_cross_entropy_sum(
             f"tiled_cross_entropy_sum: labels {tuple(labels.shape)} must have one entry per token of hidden "
             f"{tuple(hidden.shape)}; pass labels already shifted, of shape hidden.shape[:-1]."
         )
+    flat_weights = None if weights is None else _token_weights(weights, labels)
     tile = tile_tokens if tile_tokens is not None else loss_tile_tokens(weight.shape[0], tile_memory_mib)
     if tile < 1:
         raise ValueError(f"tiled_cross_entropy_sum(tile_tokens={tile_tokens}) must be a positive number of tokens.")
     grad_on = torch.is_grad_enabled()
     wants = tuple(grad_on and t is not None and t.requires_grad for t in (flat_hidden, weight, bias))
     loss_sum = TiledCrossEntropy.apply(
-        flat_hidden, weight, bias, flat_labels, softcap, ignore_index, tile, fp32_weight_grad, wants
+        flat_hidden, weight, bias, flat_labels, flat_weights, softcap, ignore_index, loss or LossConfig(), tile,
+        fp32_weight_grad, wants
     )
     return loss_sum, (flat_labels != ignore_index).sum()
 
 
+def _token_weights(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if weights.shape != labels.shape:
+        raise ValueError(f"tiled_cross_entropy_sum: weights {tuple(weights.shape)} must have the labels' shape "
+                         f"{tuple(labels.shape)} (one weight per label, shifted like the labels).")
+    if weights.requires_grad:
+        raise ValueError("tiled_cross_entropy_sum: weights must be constants (the tiled loss computes no gradient for "
+                         "them); pass weights.detach().")
+    return weights.reshape(-1)
+
+
 def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor, memory: MemoryConfig | None = None,
-                              *, ignore_index: int = IGNORE_INDEX):
+                              *, ignore_index: int = IGNORE_INDEX, loss: LossConfig | None = None,
+                              weights: torch.Tensor | None = None):
     """tiled_cross_entropy_sum with the lm_head and softcap of an HF causal LM and the tile settings of `memory`
     (MemoryConfig's defaults when None). `hidden` is the decoder's output after the final norm."""
     text_config = model.config.get_text_config()
@@ -161,4 +203,5 @@ def lm_head_cross_entropy_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
     return tiled_cross_entropy_sum(
         hidden, head.weight, labels, bias=head.bias, softcap=getattr(text_config, "final_logit_softcapping", None),
         ignore_index=ignore_index, tile_tokens=memory.tile_tokens, tile_memory_mib=memory.tile_memory_mib,
+        loss=loss, weights=weights,
     )

@@ -1,5 +1,6 @@
 """Where the parts longseq works on sit in a transformers causal LM: the CausalLM itself (through a PEFT wrapper),
-its decoder layers, their MLPs and their token-wise norms. The one place that knows the layout of HF decoders.
+its decoder layers, their MLPs (dense and mixture-of-experts), their token-wise norms and attention sinks. The one
+place that knows the layout of HF decoders.
 """
 
 from __future__ import annotations
@@ -47,10 +48,36 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _is_expert_block(module: nn.Module) -> bool:
+    """A mixture-of-experts block keeps its experts' weights stacked: parameters of three or more dimensions."""
+    return any(p.dim() >= 3 for p in module.parameters())
+
+
 def decoder_mlps(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer's dense MLP: its `mlp` child when the class name ends in 'MLP' (mixture-of-experts blocks
-    are left out)."""
-    return [layer.mlp for layer in decoder_layers(model) if type(getattr(layer, "mlp", None)).__name__.endswith("MLP")]
+    """Each decoder layer's dense MLP: its `mlp` child when the class name ends in 'MLP' and it is not a
+    mixture-of-experts block (GPT-OSS calls its expert block an MLP)."""
+    return [layer.mlp for layer in decoder_layers(model)
+            if type(getattr(layer, "mlp", None)).__name__.endswith("MLP") and not _is_expert_block(layer.mlp)]
+
+
+def decoder_expert_blocks(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's mixture-of-experts block (its `mlp` child with stacked expert weights); dense layers of
+    the same model (Qwen3-MoE's mlp_only_layers) are left out."""
+    return [layer.mlp for layer in decoder_layers(model)
+            if isinstance(getattr(layer, "mlp", None), nn.Module) and _is_expert_block(layer.mlp)]
+
+
+def router_class(model) -> type | None:
+    """The class whose output[0] transformers records as router logits (`_can_record_outputs["router_logits"]`), or
+    None for a model without routers."""
+    recorder = getattr(find_causal_lm(model), "_can_record_outputs", None) or {}
+    spec = recorder.get("router_logits")
+    return getattr(spec, "target_class", spec) if spec is not None else None
+
+
+def has_attention_sinks(model: nn.Module) -> bool:
+    """Whether an attention module of the model has learned sink logits (GPT-OSS: `self_attn.sinks`)."""
+    return any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules())
 
 
 def _is_rms_norm(module: nn.Module | None) -> bool:

@@ -7,14 +7,16 @@ documents are read from position_ids instead (parallel/documents.py), once per f
 
 Dispatch, on the gathered sequence (in this order):
 1. longseq's block kernels (kernels.py, through ring.py over the ring group, as the one operator of Note [Attention as
-   one operator] in attention_op.py): when ring > 1 (on SDPA or
-   FlexAttention), and with SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half
-   precision on CUDA). With ring = 1 there is no ring at all: one causal block per document, no exchange. They
-   return the log-sum-exp, so the layer's output can be kept for backward: the attention function passes the
-   model's current attention cache (LongseqState.attention_cache) to them (Note [Attention output cache]).
+   one operator] in attention_op.py): when ring > 1 (on SDPA or FlexAttention), for layers with attention sinks
+   (GPT-OSS's `s_aux`, Note [Attention sinks]) on either, and with SDPA also when ring = 1, where the layer fits them
+   (no sliding window, no dropout, half precision on CUDA). With ring = 1 there is no ring at all: one causal block
+   per document, no exchange. Sliding windows cut the blocks (Note [Sliding windows on blocks]). They return the
+   log-sum-exp, so the layer's output can be kept for backward: the operator passes the model's current attention
+   cache (LongseqState.attention_cache) to them (Note [Attention output cache]).
 2. flex_attention: the model's FlexAttention with a BlockMask of causal, same-document (and sliding-window) blocks.
 3. sdpa (sliding windows, dropout, fp32 on CUDA): local.causal_attention, one SDPA call per document.
-4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document.
+4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document (and this rank's
+   heads' sinks, for the kernels transformers gives them to).
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ def check_implementation(implementation: str, ring: int) -> None:
             f"Ring attention runs on PyTorch's SDPA or FlexAttention kernels; load the model with "
             f"attn_implementation='sdpa' (or 'flex_attention') instead of {implementation!r}, or use pure Ulysses "
             "(longseq.init_mesh(sp=..., ring=1))."
+        )
+    _check_installed(implementation)
+
+
+def _check_installed(implementation: str) -> None:
+    """transformers' flash kernels need their package and a CUDA GPU; without them the forward would fail much later
+    (a function registered under the name by the user is theirs to judge)."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if (implementation in available and ALL_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_forward
+            and not available[implementation]()):
+        package = "flash-attn" if implementation == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+        raise ValueError(
+            f"attention={implementation!r} needs the {package} package and a CUDA GPU, and this environment lacks "
+            f"one of them: install it (pip install flash-attn) on a CUDA machine, or use attention='sdpa'."
         )
 
 
@@ -157,9 +176,11 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
             documents(position_ids)
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
-        if mesh.ring > 1 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout)):
+        sinks = _local_sinks(kwargs.get("s_aux"), mesh, q.shape[1])
+        if (mesh.ring > 1 or (sinks is not None and implementation in BLOCK_KERNELS)
+                or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout))):
             out = _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout,
-                                   BLOCK_KERNELS[implementation])
+                                   BLOCK_KERNELS[implementation], sinks)
             return sequence_to_heads_split(mesh.ulysses_group, out), None
         boundaries = documents(position_ids)
         if implementation == "flex_attention":
@@ -171,7 +192,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
                                    dropout=dropout).transpose(1, 2)
         else:
             out, _ = inner(module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window,
-                           position_ids=_full_positions(boundaries, q.device))
+                           position_ids=_full_positions(boundaries, q.device), s_aux=sinks)
         return sequence_to_heads_split(mesh.ulysses_group, out), None
 
     name = f"longseq_sp_{next(_names)}"
@@ -188,19 +209,26 @@ def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> 
     return (window is None or window >= q.shape[2]) and not dropout and half
 
 
-def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel) -> torch.Tensor:
-    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), as one
-    operator (Note [Attention as one operator]); returns (B, S, H, D)."""
-    if window is not None and window < q.shape[2] * mesh.ring:
-        raise ValueError(
-            f"Ring attention does not support sliding-window layers (window {window} < sequence length "
-            f"{q.shape[2] * mesh.ring}); use pure Ulysses: longseq.init_mesh(sp=..., ring=1)."
-        )
+def _local_sinks(sinks: torch.Tensor | None, mesh: Mesh, heads: int) -> torch.Tensor | None:
+    """The sink logits of the query heads this Ulysses rank holds after the exchange (heads are split in order)."""
+    if sinks is None or sinks.shape[0] == heads:
+        return sinks
+    first = mesh.ulysses_rank * heads
+    return sinks[first:first + heads]
+
+
+def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel, sinks) -> torch.Tensor:
+    """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
+    sliding window and sinks, as one operator (Note [Attention as one operator]); returns (B, S, H, D)."""
     if dropout:
-        raise ValueError("Ring attention does not support attention dropout; set attention_dropout=0 in the config.")
+        raise ValueError(
+            "Ring attention and attention sinks run on longseq's block kernels, which do not support attention "
+            "dropout; set attention_dropout=0 in the config (or evaluate with model.eval())."
+        )
     if position_ids is None:
         raise ValueError(_NO_POSITIONS)
-    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel)
+    window = window if window is not None and window < q.shape[2] * mesh.ring else None
+    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel, window=window, sinks=sinks)
 
 
 def document_block_mask(boundaries: list[list[int]], window: int | None, length: int, device):

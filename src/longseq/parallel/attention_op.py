@@ -5,7 +5,7 @@ are read on the host from the gathered position_ids, the ring plan is Python ove
 point-to-point calls, and the attention cache (Note [Attention output cache]) decides on the host whether to compute
 at all. Traced by torch.compile, each of these breaks the graph, and the plan's lists would become guards, so every
 new packing of documents would recompile. So that part is one custom operator, `longseq::block_attention`
-(q, k, v, position_ids → out, lse), with its backward another, `longseq::block_attention_backward`; inside, they run
+(q, k, v, position_ids, sinks → out, lse), with its backward another, `longseq::block_attention_backward`; inside, they run
 eagerly what ring_attention runs, in eager runs and compiled ones alike. The compiler sees shapes only; the Ulysses
 exchanges around the operator (all-to-all autograd Functions) trace as functional collectives, and with a ring the
 batch moves to Note [Document placement] through a third operator (`longseq::place_documents`, models/apply.py).
@@ -31,6 +31,7 @@ import torch
 from longseq.parallel.documents import is_single_document
 from longseq.parallel.merge import accumulation_dtype
 from longseq.parallel.ring import ring_attention_backward, ring_attention_forward, ring_plan
+from longseq.parallel.sinks import sink_gradient
 from longseq.state import LongseqState
 
 _STATES: dict[str, weakref.ref] = {}
@@ -48,30 +49,32 @@ def state_of(name: str) -> LongseqState:
     return held
 
 
-def block_attention(q, k, v, position_ids, *, name: str, scale: float, kernel: str) -> torch.Tensor:
-    """longseq's block kernels over the model's ring (R = 1: none) for head-split q, k, v (B, H, S, D) → out
-    (B, S, H, D); differentiable w.r.t. q, k, v."""
-    out, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, name, scale, kernel)
+def block_attention(q, k, v, position_ids, *, name: str, scale: float, kernel: str, window: int | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """longseq's block kernels over the model's ring (R = 1: none) for head-split q, k, v (B, H, S, D), with a
+    sliding window and (H,) sink logits (ring.ring_attention's), → out (B, S, H, D); differentiable w.r.t. q, k, v
+    and the sinks."""
+    out, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, sinks, name, scale, kernel, window)
     return out
 
 
-def _plan(state: LongseqState, q, k, v, position_ids, kernel: str):
+def _plan(state: LongseqState, q, k, v, position_ids, kernel: str, window: int | None, sinks):
     documents = state.documents
     boundaries = documents(position_ids)
-    return ring_plan(documents.mesh.ring_group, q, k, v, kernel=kernel, layouts=documents.layouts,
-                     boundaries=None if is_single_document(boundaries) else boundaries)
+    return ring_plan(documents.mesh.ring_group, q, k, v, kernel=kernel, layouts=documents.layouts, window=window,
+                     sinks=sinks, boundaries=None if is_single_document(boundaries) else boundaries)
 
 
 @torch.library.custom_op("longseq::block_attention", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, name: str, scale: float,
-             kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, sinks: torch.Tensor | None,
+             name: str, scale: float, kernel: str, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     state = state_of(name)
-    plan = _plan(state, q, k, v, position_ids, kernel)
+    plan = _plan(state, q, k, v, position_ids, kernel, window, sinks)
     group = state.documents.mesh.ring_group
 
     def compute():
         out, lse = ring_attention_forward(group, q, k.contiguous(), v.contiguous(), scale=scale, plan=plan,
-                                          kernel=kernel)
+                                          kernel=kernel, sinks=sinks)
         return out.transpose(1, 2).contiguous(), lse.contiguous()
 
     cache = state.attention_cache
@@ -79,37 +82,41 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: to
 
 
 @_forward.register_fake
-def _(q, k, v, position_ids, name, scale, kernel):
+def _(q, k, v, position_ids, sinks, name, scale, kernel, window):
     batch, heads, length, dim = q.shape
     return q.new_empty(batch, length, heads, dim), q.new_empty(batch, heads, length, dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("longseq::block_attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, position_ids: torch.Tensor, name: str, scale: float,
-                 kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, position_ids: torch.Tensor, sinks: torch.Tensor | None, name: str, scale: float,
+                 kernel: str, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (B, H, S, D) and the sinks' gradient (empty without sinks)."""
     state = state_of(name)
-    plan = _plan(state, q, k, v, position_ids, kernel)
-    grads = ring_attention_backward(state.documents.mesh.ring_group, dout.transpose(1, 2), q, k.contiguous(),
-                                    v.contiguous(), out.transpose(1, 2), lse, scale=scale, plan=plan, kernel=kernel)
-    return tuple(g.contiguous() for g in grads)
+    plan = _plan(state, q, k, v, position_ids, kernel, window, sinks)
+    dout, out = dout.transpose(1, 2), out.transpose(1, 2)
+    grads = ring_attention_backward(state.documents.mesh.ring_group, dout, q, k.contiguous(), v.contiguous(), out,
+                                    lse, scale=scale, plan=plan, kernel=kernel)
+    dsinks = q.new_empty(0) if sinks is None else sink_gradient(dout, out, lse, sinks)
+    return *(g.contiguous() for g in grads), dsinks
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, position_ids, name, scale, kernel):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+def _(dout, q, k, v, out, lse, position_ids, sinks, name, scale, kernel, window):
+    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, position_ids, ctx.name, ctx.scale, ctx.kernel = inputs
-    ctx.save_for_backward(q, k, v, *output, position_ids)
+    q, k, v, position_ids, sinks, ctx.name, ctx.scale, ctx.kernel, ctx.window = inputs
+    ctx.save_for_backward(q, k, v, *output, position_ids, sinks)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, position_ids = ctx.saved_tensors
-    dq, dk, dv = torch.ops.longseq.block_attention_backward(dout, q, k, v, out, lse, position_ids, ctx.name,
-                                                            ctx.scale, ctx.kernel)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, position_ids, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = torch.ops.longseq.block_attention_backward(dout, q, k, v, out, lse, position_ids, sinks,
+                                                                    ctx.name, ctx.scale, ctx.kernel, ctx.window)
+    return dq, dk, dv, None, dsinks if ctx.needs_input_grad[4] else None, None, None, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)

@@ -36,6 +36,10 @@ from that block alone (probabilities exp(q·kᵀ·scale − L), rowsum(dO·O)); 
 dq accumulates locally, and the fp32 dk/dv of the K/V a rank holds travel with them: received from r−1, increased by
 this rank's blocks, sent to r+1. After R steps they are back home. Forward: R−1 exchanges; backward: R−1 for K/V and
 R for dk/dv.
+
+Sliding windows cut blocks further (Note [Sliding windows on blocks], window.py): blocks out of reach are skipped,
+blocks the window cuts run as bands. A sink merges into the final (out, lse) like one more key (Note [Attention
+sinks], sinks.py).
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ import torch
 import torch.distributed as dist
 
 from longseq.parallel.balance import Layout, zigzag_layout
-from longseq.parallel.kernels import KERNELS, block_backward, block_forward
+from longseq.parallel.kernels import KERNELS
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
-from longseq.parallel.varlen import Call, Group, group_calls, item_backward, item_forward
+from longseq.parallel.sinks import merge_sink, sink_gradient
+from longseq.parallel.varlen import Call, Group, call_backward, call_forward, group_calls, item_backward, item_forward
+from longseq.parallel.window import window_cut
 
 _KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
 
@@ -76,7 +82,7 @@ class _Run:
 
 def ring_attention(
     group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, layouts: list[Layout] | None = None,
-    kernel: str = "sdpa", cache=None,
+    kernel: str = "sdpa", cache=None, window: int | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
@@ -92,46 +98,58 @@ def ring_attention(
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
         uses whatever pair it returns.
+    window: sliding window w (query i sees key j when 0 <= i − j < w); None: full causal attention.
+    sinks: (Hq,) attention-sink logits of these heads (Note [Attention sinks]), differentiable; None: no sinks.
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
-    plan = ring_plan(group, q, k, v, boundaries=boundaries, layouts=layouts, kernel=kernel)
-    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache)
+    plan = ring_plan(group, q, k, v, boundaries=boundaries, layouts=layouts, kernel=kernel, window=window,
+                     sinks=sinks)
+    return RingAttentionFunction.apply(group, q, k.contiguous(), v.contiguous(), scale, plan, kernel, cache, sinks)
 
 
-def ring_plan(group, q, k, v, *, boundaries=None, layouts=None, kernel: str = "sdpa") -> tuple[_Run, ...]:
+def ring_plan(group, q, k, v, *, boundaries=None, layouts=None, kernel: str = "sdpa", window: int | None = None,
+              sinks: torch.Tensor | None = None) -> tuple[_Run, ...]:
     """Check ring_attention's inputs and return this rank's kernel calls per ring step (computed once per forward
     pass: every layer asks for the same)."""
     ring_size = _ring_size(group)
     _check_inputs(q, k, v, ring_size, boundaries, layouts)
     if kernel not in KERNELS:
         raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
+    if window is not None and window < 1:
+        raise ValueError(f"ring_attention: window={window} must be a positive number of tokens (or None).")
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"ring_attention: sinks of shape {tuple(sinks.shape)} must hold one logit per query head "
+                         f"({q.shape[1]},).")
     rank = 0 if group is None else dist.get_rank(group)
-    return _plan(boundaries, layouts, q.shape[0], q.shape[2], ring_size, rank)
+    return _plan(boundaries, layouts, q.shape[0], q.shape[2], ring_size, rank, window)
 
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, q, k, v, scale, plan, kernel, cache):
+    def forward(ctx, group, q, k, v, scale, plan, kernel, cache, sinks):
         def compute():
-            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel)
+            return ring_attention_forward(group, q, k, v, scale=scale, plan=plan, kernel=kernel, sinks=sinks)
 
         out, lse = compute() if cache is None else cache(compute)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.group, ctx.scale, ctx.plan, ctx.kernel = group, scale, plan, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_attention_backward(ctx.group, dout, q, k, v, out, lse, scale=ctx.scale, plan=ctx.plan,
                                             kernel=ctx.kernel)
-        return None, dq, dk, dv, None, None, None, None
+        dsinks = sink_gradient(dout, out, lse, sinks) if ctx.needs_input_grad[8] else None
+        return None, dq, dk, dv, None, None, None, None, dsinks
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: tuple[_Run, ...], kernel: str = "sdpa"):
-    """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring."""
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: tuple[_Run, ...], kernel: str = "sdpa", sinks=None):
+    """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring (and the
+    sinks, if any)."""
     if _ring_size(group) == 1:
-        return _local_forward(q, k, v, scale, plan, kernel)
+        out, lse = _local_forward(q, k, v, scale, plan, kernel)
+        return (out, lse) if sinks is None else merge_sink(out, lse, sinks)
     ring = _Ring(group)
     steps = len(plan[0].steps)
     out, lse = new_accumulators(q)
@@ -143,6 +161,8 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: tuple[_Run, ..
                 merge_(out[iq], lse[iq], block_out, block_lse)
         if pending is not None:
             held = _Ring.finish(pending)
+    if sinks is not None:
+        out, lse = merge_sink(out, lse, sinks)
     return out.to(q.dtype), lse
 
 
@@ -194,7 +214,7 @@ def _covered_by_one_call(plan: tuple[_Run, ...]) -> bool:
 
 def _local_forward(q, k, v, scale: float, plan: tuple[_Run, ...], kernel: str):
     if _covered_by_one_call(plan):  # one document per row: no copy either
-        return block_forward(q, k, v, causal=True, scale=scale, kernel=kernel)
+        return call_forward(q, k, v, plan[0].steps[0][0], scale=scale, kernel=kernel)
     # Laid out as (B, S, H, D) like the model's own projections, so the caller's transpose back is free.
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
@@ -206,7 +226,8 @@ def _local_forward(q, k, v, scale: float, plan: tuple[_Run, ...], kernel: str):
 
 def _local_backward(dout, q, k, v, out, lse, scale: float, plan: tuple[_Run, ...], kernel: str):
     if _covered_by_one_call(plan):
-        return block_backward(dout, q, k, v, out, lse, causal=True, scale=scale, kernel=kernel, grad_dtype=q.dtype)
+        return call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale=scale, kernel=kernel,
+                             grad_dtype=q.dtype)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     for rows, item in _items(plan, 0):
         for iq, ik, gq, gk, gv in item_backward(dout, q, k, v, out, lse, rows, item, scale=scale, kernel=kernel,
@@ -243,33 +264,35 @@ def _ring_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _plan(boundaries, layouts, batch: int, local_len: int, ring_size: int, rank: int) -> tuple[_Run, ...]:
+def _plan(boundaries, layouts, batch: int, local_len: int, ring_size: int, rank: int,
+          window: int | None = None) -> tuple[_Run, ...]:
     """Kernel calls per ring step, shared by the rows of each run of identical documents and layouts."""
     total = ring_size * local_len
     bounds = ((0, total),) * batch if boundaries is None else tuple(tuple(row) for row in boundaries)
     rows_layouts = (None,) * batch if layouts is None else tuple(layouts)
-    return _cached_plan(bounds, rows_layouts, local_len, ring_size, rank)
+    return _cached_plan(bounds, rows_layouts, local_len, ring_size, rank, window)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(bounds, layouts, local_len: int, ring_size: int, rank: int) -> tuple[_Run, ...]:
+def _cached_plan(bounds, layouts, local_len: int, ring_size: int, rank: int, window) -> tuple[_Run, ...]:
     """Every layer of a forward pass asks for the same plan: it is computed once."""
     keys = [(b, layout or zigzag_layout(local_len * ring_size, ring_size)) for b, layout in zip(bounds, layouts)]
     runs, first = [], 0
     for row in range(1, len(keys) + 1):
         if row == len(keys) or keys[row] != keys[first]:
-            runs.append(_Run(slice(first, row), _run_steps(*keys[first], ring_size, rank)))
+            runs.append(_Run(slice(first, row), _run_steps(*keys[first], ring_size, rank, window)))
             first = row
     return tuple(runs)
 
 
-def _run_steps(bounds, layout: Layout, ring_size: int, rank: int) -> tuple[tuple[Call | Group, ...], ...]:
+def _run_steps(bounds, layout: Layout, ring_size: int, rank: int,
+               window: int | None) -> tuple[tuple[Call | Group, ...], ...]:
     mine = _chunks(layout[rank])
     steps = []
     for step in range(ring_size):
         held = _chunks(layout[(rank - step) % ring_size])
         ends = [c.end for c in held]
-        calls = [call for qc in mine for call in _chunk_calls(bounds, qc, held, ends)]
+        calls = [call for qc in mine for call in _chunk_calls(bounds, qc, held, ends, window)]
         steps.append(tuple(group_calls(_coalesce(calls))))
     return tuple(steps)
 
@@ -283,16 +306,17 @@ def _chunks(portion) -> tuple[_Chunk, ...]:
     return tuple(sorted(chunks, key=lambda c: c.start))
 
 
-def _chunk_calls(bounds, qc: _Chunk, held: tuple[_Chunk, ...], ends: list[int]) -> list[Call]:
+def _chunk_calls(bounds, qc: _Chunk, held: tuple[_Chunk, ...], ends: list[int], window: int | None) -> list[Call]:
     """The kernel calls of q chunk `qc` against the held k chunks (sorted by start, `ends` their ends) that can reach
-    it: those ending inside or after the document holding qc's first token, and starting no later than qc."""
+    it: those ending inside or after the document holding qc's first token, and starting no later than qc; each as
+    the sliding window cuts it."""
     doc_start = bounds[bisect.bisect_right(bounds, qc.start) - 1]
     first = bisect.bisect_right(ends, doc_start)
     calls = []
     for kc in held[first:]:
         if kc.start > qc.start:
             break
-        calls += _pair_calls(bounds, qc, kc)
+        calls += [cut for call in _pair_calls(bounds, qc, kc) if (cut := _in_window(call, qc, kc, window)) is not None]
     return calls
 
 
@@ -315,6 +339,19 @@ def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[Call]:
     return [Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
 
 
+def _in_window(call: Call, qc: _Chunk, kc: _Chunk, window: int | None) -> Call | None:
+    """The call as the sliding window cuts it: skipped (None), whole, or a band (Note [Sliding windows on blocks])."""
+    if window is None:
+        return call
+    q0, k0 = qc.start + call.q.start - qc.local, kc.start + call.k.start - kc.local
+    cut = window_cut(q0, call.q.stop - call.q.start, k0, call.k.stop - call.k.start, call.causal, window)
+    if cut is None or cut == "whole":
+        return None if cut is None else call
+    q_stop, k_start, offset = cut
+    return Call(slice(call.q.start, call.q.start + q_stop), slice(call.k.start + k_start, call.k.stop), False,
+                (offset, window))
+
+
 def _segments(bounds, lo: int, hi: int):
     """The pieces [a, b) of documents that lie inside the token range [lo, hi)."""
     i = bisect.bisect_right(bounds, lo) - 1
@@ -328,7 +365,7 @@ def _coalesce(calls: list[Call]) -> list[Call]:
     joined: list[Call] = []
     for call in calls:
         prev = joined[-1] if joined else None
-        if prev is not None and not prev.causal and not call.causal:
+        if prev is not None and not (prev.causal or call.causal or prev.band or call.band):
             if prev.k == call.k and prev.q.stop == call.q.start:
                 joined[-1] = Call(slice(prev.q.start, call.q.stop), prev.k, False)
                 continue

@@ -34,6 +34,7 @@ import torch
 
 from longseq.parallel.kernels import CUDA_DTYPES, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype
+from longseq.parallel.window import band_backward, band_forward
 
 aten = torch.ops.aten
 
@@ -49,6 +50,8 @@ class Call:
     q: slice
     k: slice
     causal: bool
+    band: tuple[int, int] | None = None
+    """(offset, window) of a block a sliding window cuts (Note [Sliding windows on blocks]); None: no cut."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,15 @@ class Group:
 
 
 def group_calls(calls: list[Call]) -> list[Call | Group]:
-    """Chain calls whose q and k ranges continue each other into Groups; large blocks stay alone. Order: by the
-    position of each item's first call in `calls`."""
-    small = [c for c in calls if _area(c) < DENSE_MIN_BLOCK]
+    """Chain calls whose q and k ranges continue each other into Groups; large blocks and bands stay alone. Order: by
+    the position of each item's first call in `calls`."""
+    small = [c for c in calls if _joins(c)]
     following = {(c.q.start, c.k.start, c.causal): c for c in small}
     successor = {id(c): following.get((c.q.stop, c.k.stop, c.causal)) for c in small}
     has_predecessor = {id(s) for s in successor.values() if s is not None}
     items: list[Call | Group] = []
     for call in calls:
-        if _area(call) >= DENSE_MIN_BLOCK:
+        if not _joins(call):
             items.append(call)
         elif id(call) not in has_predecessor:
             chain = [call]
@@ -89,8 +92,25 @@ def group_calls(calls: list[Call]) -> list[Call | Group]:
     return items
 
 
-def _area(call: Call) -> int:
-    return (call.q.stop - call.q.start) * (call.k.stop - call.k.start)
+def _joins(call: Call) -> bool:
+    """Whether a call may join a group: a plain block below DENSE_MIN_BLOCK positions."""
+    return call.band is None and (call.q.stop - call.q.start) * (call.k.stop - call.k.start) < DENSE_MIN_BLOCK
+
+
+def call_forward(q, k, v, call: Call, *, scale: float, kernel: str):
+    """(out, lse) of one dense call on its q, k, v: a band (window.py) or a block kernel (kernels.py)."""
+    if call.band is not None:
+        return band_forward(q, k, v, offset=call.band[0], window=call.band[1], scale=scale)
+    return block_forward(q, k, v, causal=call.causal, scale=scale, kernel=kernel)
+
+
+def call_backward(dout, q, k, v, out, lse, call: Call, *, scale: float, kernel: str, grad_dtype=None):
+    """(dq, dk, dv) of one dense call given the final output and log-sum-exp of its rows."""
+    if call.band is not None:
+        return band_backward(dout, q, k, v, out, lse, offset=call.band[0], window=call.band[1], scale=scale,
+                             grad_dtype=grad_dtype)
+    return block_backward(dout, q, k, v, out, lse, causal=call.causal, scale=scale, kernel=kernel,
+                          grad_dtype=grad_dtype)
 
 
 def item_forward(q, k, v, rows: slice, item: Call | Group, *, scale: float, kernel: str):
@@ -106,8 +126,7 @@ def item_forward(q, k, v, rows: slice, item: Call | Group, *, scale: float, kern
             return
     for call in item.calls if isinstance(item, Group) else (item,):
         index = (rows, slice(None), call.q)
-        yield index, *block_forward(q[index], k[rows, :, call.k], v[rows, :, call.k], causal=call.causal,
-                                    scale=scale, kernel=kernel)
+        yield index, *call_forward(q[index], k[rows, :, call.k], v[rows, :, call.k], call, scale=scale, kernel=kernel)
 
 
 def item_backward(dout, q, k, v, out, lse, rows: slice, item: Call | Group, *, scale: float, kernel: str,
@@ -128,8 +147,8 @@ def item_backward(dout, q, k, v, out, lse, rows: slice, item: Call | Group, *, s
             return
     for call in item.calls if isinstance(item, Group) else (item,):
         iq, ik = (rows, slice(None), call.q), (rows, slice(None), call.k)
-        yield iq, ik, *block_backward(dout[iq], q[iq], k[ik], v[ik], out[iq], lse[iq], causal=call.causal,
-                                      scale=scale, kernel=kernel, grad_dtype=grad_dtype)
+        yield iq, ik, *call_backward(dout[iq], q[iq], k[ik], v[ik], out[iq], lse[iq], call, scale=scale,
+                                     kernel=kernel, grad_dtype=grad_dtype)
 
 
 def _uses_varlen(q: torch.Tensor, kernel: str) -> bool:

@@ -1,7 +1,7 @@
 """`longseq train`: parse the command line, launch processes if asked, train, and explain failures.
 
     longseq train CONFIG.yaml [--section.key=value ...]            # one process: CPU or one GPU
-    longseq train CONFIG.yaml --nproc 2                            # N local processes (torchrun underneath)
+    longseq train CONFIG.yaml --nproc 2                            # N local processes (launch.py)
     torchrun --nproc-per-node 8 -m longseq.cli train CONFIG.yaml   # GPUs; add --nnodes/--rdzv-endpoint for nodes
     longseq train --demo                                           # the embedded demo (2 CPU processes, sp=2)
 """
@@ -13,32 +13,41 @@ import os
 import sys
 from pathlib import Path
 
-from longseq.train.config import ConfigError, help_text, load_config
+from longseq.train.config import ConfigError
+from longseq.train.config_loader import help_text, load_config
 
 USAGE = "longseq train [CONFIG.yaml] [--demo] [--nproc N] [--section.key=value ...]"
 
 
 def main(argv: list[str]) -> int:
-    args, overrides = _parse(argv)
-    if args.help:
+    from longseq.train.signals import survive_closed_output
+
+    survive_closed_output()
+    if any(a in ("-h", "--help") for a in argv):
         print(f"usage: {USAGE}\n\n{__doc__}\nConfig fields (YAML sections, or --section.key=value; defaults shown):"
               f"{help_text()}")
         return 0
     from longseq.data.readers import DataError
+    from longseq.mesh import under_torchrun
     from longseq.train import demo
-    from longseq.train.launch import spawn_local, under_torchrun
+    from longseq.train.checkpoint import CheckpointError
+    from longseq.train.launch import spawn_local
+    from longseq.train.preflight import preflight, world_size
 
     try:
+        args, overrides = _parse(argv)
         if args.config is None and not args.demo:
             raise ConfigError(f"give a config file or --demo; usage: {USAGE}")
         config = load_config(args.config, overrides, base=demo.DEMO if args.demo else None)
+        nproc = args.nproc or (2 if args.demo else 1)
+        launching = nproc > 1 and not under_torchrun()
+        preflight(config, nproc if launching else world_size())
         if args.demo:
             demo.prepare(config)
-        nproc = args.nproc or (2 if args.demo else 1)
-        if nproc > 1 and not under_torchrun():
+        if launching:
             return spawn_local(nproc, ["train", *_without_nproc(argv)])
         return _run(config, args.demo)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         _error(e)
         return 2
 
@@ -46,26 +55,40 @@ def main(argv: list[str]) -> int:
 def _run(config, is_demo: bool) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    # record: under torchrun, an unexpected exception's traceback is reported as the root cause; the expected
+    # failures below are explained in one line instead.
+    return record(_train_and_explain)(config, is_demo)
+
+
+def _train_and_explain(config, is_demo: bool) -> int:
+    from longseq.data.readers import DataError
     from longseq.train import demo
-    from longseq.train.loop import Interrupted, TrainingError, train
+    from longseq.train.checkpoint import CheckpointError
+    from longseq.train.loop import Interrupted, TrainingError, finish, train
 
     try:
-        rows = record(train)(config)  # record: torchrun reports a failing rank's traceback as the root cause
+        rows = train(config)
     except Interrupted as e:
         _error(e, prefix="longseq train")
-        return 130
-    except TrainingError as e:
+        return e.exit_code
+    except (ConfigError, DataError, CheckpointError) as e:
         _error(e)
+        return 2
+    except TrainingError as e:
+        _error(e, every_rank=True)
         return 1
-    if is_demo and rows is not None:
-        demo.report(rows, Path(config.metrics.run_dir))
+    if rows is not None:  # rank 0
+        if is_demo:
+            demo.report(rows)
+        print(finish(Path(config.metrics.run_dir)), flush=True)
     return 0
 
 
-def _error(error: Exception, prefix: str = "longseq train: error") -> None:
-    rank = os.environ.get("RANK")
-    if rank in (None, "0") or not isinstance(error, ConfigError):
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+def _error(error: Exception, prefix: str = "longseq train: error", every_rank: bool = False) -> None:
+    """One line on stderr: from rank 0 for what every rank hits alike, from each rank (named) otherwise."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or every_rank:
+        where = f"[rank {rank}] " if rank != "0" else ""
         print(f"{where}{prefix}: {error}", file=sys.stderr, flush=True)
 
 
@@ -74,13 +97,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("config", nargs="?")
     parser.add_argument("--demo", action="store_true")
     parser.add_argument("--nproc", type=int, default=None)
-    parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
         item = rest[i]
         if not item.startswith("--"):
-            raise SystemExit(f"longseq train: unexpected argument {item!r}; overrides look like --section.key=value.")
+            raise ConfigError(f"unexpected argument {item!r}; overrides look like --section.key=value.")
         if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)

@@ -1,26 +1,15 @@
-"""The trainer's configuration: a tree of documented dataclasses, loaded from YAML with `--section.key=value` overrides.
+"""The trainer's configuration: one documented dataclass per section of the YAML file, and TrainConfig over them.
 
-Each field's doc is the string literal under it (torchtitan style); `field_docs` reads those with `ast`, so the
-dataclasses are the one source of truth for defaults, docs, `longseq train --help` and validation.
+Each field's doc is the string literal under it (torchtitan style): the one source of truth for defaults, docs and
+`longseq train --help`. Checks that need one section live in its `__post_init__`. Loading YAML, command-line
+overrides, type conversion and the help text are in config_loader.py.
 """
 
 from __future__ import annotations
 
-import ast
-import copy
-import dataclasses
-import difflib
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 
-import yaml
-
-from longseq.memory.config import MemoryConfig
+from longseq import MemoryConfig
 
 
 class ConfigError(ValueError):
@@ -40,7 +29,8 @@ class ModelSection:
     dtype: str = "float32"
     """dtype of the trained (master) weights and optimizer state: float32 or bfloat16; compute dtype: training.mixed_precision."""
     attn_implementation: str = "sdpa"
-    """Attention kernel on the gathered sequence: sdpa, flash_attention_2, eager, ..."""
+    """Attention kernel on the gathered sequence: sdpa, flex_attention, flash_attention_2/3 (flash-attn, CUDA), or
+    eager (parallel.sp = 1 only)."""
 
     def __post_init__(self) -> None:
         if self.path is None and "model_type" not in self.config:
@@ -70,6 +60,9 @@ class DataSection:
     """Shuffle documents before packing and the packed sequences every epoch (seeded by training.seed)."""
     max_documents: int | None = None
     """Read at most this many documents (None: all)."""
+    cache_dir: str | None = None
+    """Where the documents are tokenised once and memory-mapped by every rank of a host (Note [Token cache] in
+    data/cache.py); None: $LONGSEQ_CACHE_DIR, else ~/.cache/longseq/tokens."""
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -90,12 +83,16 @@ class ParallelSection:
     """Data-parallel degree (None: world_size // sp)."""
     ring: int | None = None
     """Ring-attention degree inside sp (None: Ulysses as wide as the heads allow, ring for the rest)."""
+    linear_attention: str = "auto"
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid): heads (Ulysses), state (state passing) or auto."""
 
     def __post_init__(self) -> None:
         for name in ("sp", "dp", "ring"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"parallel.{name}={value} must be a positive integer (or unset).")
+        if self.linear_attention not in ("auto", "heads", "state"):
+            raise ConfigError(f"parallel.linear_attention={self.linear_attention!r}: choose auto, heads or state.")
 
 
 @dataclass(kw_only=True)
@@ -154,6 +151,27 @@ class TrainingSection:
 
 
 @dataclass(kw_only=True)
+class EvalSection:
+    """Held-out documents: their exact mean loss over every token, computed sharded like training."""
+
+    paths: list[str] = field(default_factory=list)
+    """Files, directories or globs of the eval documents (empty: no evaluation); read, tokenized and packed like
+    data.paths, with data's format, text_field, tokenizer and seq_len."""
+    split: str = "validation"
+    """The split to read when an hf_disk path holds a DatasetDict."""
+    every: int = 0
+    """Evaluate every this many steps, and after the last one (0: after the last step only)."""
+    max_sequences: int | None = None
+    """Evaluate the first this many packed sequences (None: all of them)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every} must be >= 0 (0: after the last step only).")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise ConfigError(f"eval.max_sequences={self.max_sequences} must be at least 1 (or None: all).")
+
+
+@dataclass(kw_only=True)
 class CheckpointSection:
     """torch.distributed.checkpoint snapshots and the final Hugging Face export."""
 
@@ -203,190 +221,16 @@ class TrainConfig:
     """The data."""
     parallel: ParallelSection = field(default_factory=ParallelSection)
     """Sequence and data parallelism."""
-    memory: MemoryConfig | None = None
-    """Memory features (None: off; setting any memory.* key turns them on with MemoryConfig's defaults)."""
+    memory: MemoryConfig | None = field(default_factory=MemoryConfig)
+    """Memory features: each key below is on or off exactly as shown (all on by default, as longseq.MemoryConfig());
+    `memory: false` switches them all off."""
     optim: OptimSection = field(default_factory=OptimSection)
     """Optimizer and schedule."""
     training: TrainingSection = field(default_factory=TrainingSection)
     """The loop."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Evaluation."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpoints and export."""
     metrics: MetricsSection = field(default_factory=MetricsSection)
     """Outputs and feedback."""
-
-
-def sections() -> dict[str, type]:
-    """Section name -> dataclass, in the order of TrainConfig."""
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: _dataclass_of(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
-    """Build a TrainConfig from `base`, then a YAML file, then `section.key=value` overrides (later wins)."""
-    raw = copy.deepcopy(base or {})
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...).")
-        raw = _merge(raw, loaded)
-    for item in overrides:
-        key, value = _split_override(item)
-        _set_dotted(raw, key, value)
-    return from_dict(raw)
-
-
-def from_dict(raw: dict) -> TrainConfig:
-    known = sections()
-    for name in raw:
-        if name not in known:
-            raise ConfigError(f"unknown section {name!r}{_suggest(name, known)}")
-    values = {}
-    for name, cls in known.items():
-        section = raw.get(name)
-        if section is None:
-            if name in ("model", "data"):
-                raise ConfigError(f"the config has no {name}: section; see `longseq train --help`.")
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"{name}: must be a mapping of keys, got {section!r}.")
-        values[name] = _build(cls, section, name)
-    return TrainConfig(**values)
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def _build(cls: type, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key {prefix}.{key}{_suggest(key, names, prefix + '.')}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix}: {e}") from e
-
-
-def _coerce(value, hint, name: str):
-    """Check `value` against the annotation, converting strings from the command line."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{name} cannot be empty; give a value of type {_type_name(hint)}.")
-    for option in options:
-        if option is type(None):
-            continue
-        converted = _convert(value, option)
-        if converted is not _NO:
-            return converted
-    raise ConfigError(f"{name}={value!r} is not a valid {_type_name(hint)}.")
-
-
-_NO = object()
-
-
-def _convert(value, option):
-    origin = typing.get_origin(option) or option
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        return {"true": True, "false": False, "1": True, "0": False}.get(text, _NO)
-    if origin in (int, float):
-        if isinstance(value, bool):
-            return _NO
-        try:
-            number = origin(value) if isinstance(value, str) or origin is float else value
-        except ValueError:
-            return _NO
-        return number if isinstance(number, origin) else _NO
-    if origin is str:
-        return value if isinstance(value, str) else _NO
-    if origin is list:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list):
-            return _NO
-        (item_type,) = typing.get_args(option) or (str,)
-        converted = [_convert(v, item_type) for v in items]
-        return _NO if _NO in converted else converted
-    if origin is dict:
-        return value if isinstance(value, dict) else _NO
-    return _NO
-
-
-def _dataclass_of(hint) -> type:
-    return next(a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a))
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _suggest(name: str, choices, prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {prefix + close[0]!r}?" if close else f"; known: {', '.join(choices)}."
-
-
-def _split_override(item: str) -> tuple[str, object]:
-    text = item[2:] if item.startswith("--") else item
-    if "=" not in text:
-        raise ConfigError(f"override {item!r} must look like --section.key=value.")
-    key, value = text.split("=", 1)
-    return key, yaml.safe_load(value) if value else ""
-
-
-def _set_dotted(raw: dict, key: str, value) -> None:
-    parts = key.split(".")
-    if parts == ["memory"] and value in (None, False):  # --memory=null switches the features off
-        raw["memory"] = None
-        return
-    if len(parts) != 2:
-        raise ConfigError(f"override key {key!r} must be section.key, e.g. training.steps; see --help.")
-    section = raw.setdefault(parts[0], {})
-    if section is None:  # memory: null, then a memory key switches the features on
-        section = raw[parts[0]] = {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]} is {section!r}, not a section; cannot set {key}.")
-    section[parts[1]] = value
-
-
-def _merge(into: dict, new: dict) -> dict:
-    out = dict(into)
-    for key, value in new.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def help_text() -> str:
-    """Every field with its default and doc line, for `longseq train --help`."""
-    lines = []
-    for name, cls in sections().items():
-        doc = field_docs(TrainConfig)[name]
-        lines.append(f"\n{name}: {doc}")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  --{name}.{f.name}={default!r}\n      {field_docs(cls).get(f.name, '')}")
-    return "\n".join(lines)

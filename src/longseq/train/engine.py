@@ -16,7 +16,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 import longseq
 from longseq.mesh import Mesh
-from longseq.models.anatomy import find_causal_lm
+from longseq.models.anatomy import decoder_layers
 from longseq.train.config import ConfigError, ModelSection, OptimSection, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -32,11 +32,11 @@ def model_config(section: ModelSection):
     return AutoConfig.from_pretrained(section.path, **overrides)
 
 
-def build_model(section: ModelSection, seed: int, vocab_size: int):
-    """from_pretrained (or random init from the config) on the host, identical on every rank."""
+def build_model(section: ModelSection, config, seed: int, vocab_size: int):
+    """from_pretrained (or random init from `config`, model_config's result) on the host, identical on every rank."""
     from transformers import AutoModelForCausalLM
 
-    config, dtype = model_config(section), DTYPES[section.dtype]
+    dtype = DTYPES[section.dtype]
     if config.vocab_size < vocab_size:
         raise ConfigError(f"the model's vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
                           f"set model.config.vocab_size >= {vocab_size} or pick the model's own tokenizer.")
@@ -70,8 +70,7 @@ def apply_fsdp(model, device: torch.device, *, param_dtype: torch.dtype, cpu_off
     kwargs = dict(mesh=fsdp_mesh, mp_policy=policy)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    causal = find_causal_lm(model)
-    for layer in causal.get_decoder().layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     if cpu_offload:
@@ -108,10 +107,13 @@ def lr_factor(step: int, section: OptimSection, steps: int) -> float:
     return section.min_lr_ratio + (1 - section.min_lr_ratio) * shape
 
 
-def build_engine(config: TrainConfig, mesh: Mesh, vocab_size: int):
-    """(model, optimizer, scheduler), ready to train on this rank."""
-    model = build_model(config.model, config.training.seed, vocab_size)
-    longseq.apply(model, mesh, config.memory)
+def build_engine(config: TrainConfig, mesh: Mesh, hf_config, vocab_size: int):
+    """(model, optimizer, scheduler), ready to train on this rank; `hf_config` is model_config's result."""
+    model = build_model(config.model, hf_config, config.training.seed, vocab_size)
+    try:
+        longseq.apply(model, mesh, config.memory, linear_attention=config.parallel.linear_attention)
+    except ValueError as e:  # a model or attention the layout cannot run (e.g. flash kernels under ring attention)
+        raise ConfigError(f"model: {e}") from e
     param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
     apply_fsdp(model, mesh.device, param_dtype=param_dtype, cpu_offload=config.training.cpu_offload)
     optimizer, scheduler = build_optimizer(model, config.optim, config.training.steps)

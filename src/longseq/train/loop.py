@@ -13,7 +13,10 @@ mean loss (Note [Exact global loss]).
 from __future__ import annotations
 
 import gc
-import signal
+import os
+import sys
+from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,19 +25,18 @@ import yaml
 
 import longseq
 from longseq.data.packing import PackedRows, build_dataset
-from longseq.data.readers import DataError
-from longseq.data.shard import slices_per_row
 from longseq.data.tokenizer import load_tokenizer
 from longseq.loss import IGNORE_INDEX
-from longseq.mesh import Mesh
-from longseq.models.anatomy import find_causal_lm
+from longseq.mesh import Mesh, init_distributed
 from longseq.train import checkpoint
-from longseq.train.config import ConfigError, TrainConfig, to_dict
+from longseq.train.config import ConfigError, TrainConfig
+from longseq.train.config_loader import to_dict
 from longseq.train.engine import build_engine, clip_gradients, model_config
-from longseq.train.launch import init_distributed
-from longseq.train.metrics import (
-    MetricsWriter, Progress, Timer, matmul_params, peak_memory_gib, peak_tflops, train_flops,
-)
+from longseq.train.evaluate import Evaluation
+from longseq.train.metrics import Reporter, plot_loss, read_metrics, summary_line
+from longseq.train.preflight import check_enough_rows, check_shardable, preflight
+from longseq.train.resume import choose_start, continue_run_dir, run_fingerprint
+from longseq.train.signals import StopRequests, signal_name
 
 
 class TrainingError(RuntimeError):
@@ -42,12 +44,32 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the run stopped after saving a checkpoint."""
+    """A stop signal: the run saved a checkpoint (if it had trained a step) and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class Run:
+    """What the loop works on, built once by _train."""
+
+    config: TrainConfig
+    mesh: Mesh
+    model: torch.nn.Module
+    dataset: PackedRows
+    evaluation: Evaluation | None
+    tokenizer: object
+    state: checkpoint.TrainState
+    run_dir: Path
+    fingerprint: dict
+    start: Path | None
 
 
 def train(config: TrainConfig) -> list[dict] | None:
     """Train as configured; returns the logged metric rows on rank 0 (None elsewhere)."""
-    created = init_distributed()
+    created = init_distributed(one_process=True)
     try:
         return _train(config)
     finally:
@@ -59,85 +81,139 @@ def train(config: TrainConfig) -> list[dict] | None:
 
 
 def _train(config: TrainConfig) -> list[dict] | None:
-    parallel = config.parallel
-    mesh = longseq.init_mesh(sp=parallel.sp, dp=parallel.dp, ring=parallel.ring, model=model_config(config.model))
-    check_shardable(config.data.seq_len, mesh)
+    preflight(config, dist.get_world_size())
+    hf_config = model_config(config.model)
+    mesh = _mesh(config, hf_config)
     run_dir = Path(config.metrics.run_dir)
-    if mesh.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    data = config.data
-    dataset = build_dataset(data.paths, format=data.format, text_field=data.text_field, split=data.split,
-                            tokenizer=data.tokenizer, seq_len=data.seq_len, seed=config.training.seed,
-                            shuffle=data.shuffle, max_documents=data.max_documents)
-    check_enough_rows(dataset, config, mesh)
-    vocab_size = load_tokenizer(data.tokenizer).vocab_size
-    model, optimizer, scheduler = build_engine(config, mesh, vocab_size)
-    state = checkpoint.TrainState(model, optimizer, scheduler)
-    _resume(state, config, run_dir, mesh)
-    rows = _loop(config, mesh, model, dataset, state, run_dir)
+    with StopRequests(partial(_abort, run_dir=run_dir, mesh=mesh)) as stop:
+        run = _prepare(config, mesh, hf_config, run_dir)
+        rows = _loop(run, stop)
     if config.checkpoint.export_hf:
-        tokenizer = load_tokenizer(data.tokenizer)
-        checkpoint.export_hf(model, run_dir / "hf", config.model.attn_implementation,
-                             getattr(tokenizer, "inner", None))
+        checkpoint.export_hf(run.model, run_dir / "hf", config.model.attn_implementation,
+                             getattr(run.tokenizer, "inner", None))
     return rows
 
 
-def check_shardable(seq_len: int, mesh: Mesh) -> None:
-    """Refuse a length that does not split evenly over the sp ranks, before any work is done."""
-    pieces = slices_per_row(mesh)
-    if seq_len % pieces:
-        lower, upper = seq_len // pieces * pieces, -(-seq_len // pieces) * pieces
-        raise ConfigError(
-            f"data.seq_len={seq_len} cannot be split evenly over sp={mesh.sp}"
-            f"{f' with ring={mesh.ring} (2 chunks per ring rank)' if mesh.ring > 1 else ''}: it must be a multiple "
-            f"of {pieces}. Use data.seq_len={upper}" + (f" or {lower}." if lower else ".")
-        )
+def finish(run_dir: Path) -> str:
+    """Write loss.png and return the run's summary line (rank 0, at the end)."""
+    history = read_metrics(run_dir / "metrics.jsonl")
+    return summary_line(history, run_dir, _plot(history, run_dir))
 
 
-def check_enough_rows(dataset: PackedRows, config: TrainConfig, mesh: Mesh) -> None:
-    needed = config.training.batch_size * config.training.grad_accum * mesh.dp
-    if len(dataset) < needed:
-        raise DataError(
-            f"the data packs into {len(dataset)} sequences of {config.data.seq_len} tokens, but one step needs "
-            f"{needed} (training.batch_size × training.grad_accum × dp). Add data or lower data.seq_len."
-        )
+def _mesh(config: TrainConfig, hf_config) -> Mesh:
+    parallel = config.parallel
+    try:
+        mesh = longseq.init_mesh(sp=parallel.sp, dp=parallel.dp, ring=parallel.ring, model=hf_config)
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from e
+    check_shardable(config.data.seq_len, mesh)
+    return mesh
 
 
-def _resume(state: checkpoint.TrainState, config: TrainConfig, run_dir: Path, mesh: Mesh) -> None:
-    section = config.checkpoint
-    path = Path(section.resume_from) if section.resume_from else None
-    if path is None and section.resume:
-        path = checkpoint.latest_checkpoint(run_dir)
-    if path is not None:
-        checkpoint.load(state, path)
-        if mesh.rank == 0:
-            print(f"longseq: resumed from {path} at step {state.step}", flush=True)
+def _prepare(config: TrainConfig, mesh: Mesh, hf_config, run_dir: Path) -> Run:
+    """Data, fingerprint, start checkpoint, engine, then (rank 0) the run directory: Note [Resuming]."""
+    data = config.data
+    try:
+        tokenizer = load_tokenizer(data.tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    dataset = build_dataset(data.paths, format=data.format, text_field=data.text_field, split=data.split,
+                            tokenizer=tokenizer, seq_len=data.seq_len, seed=config.training.seed,
+                            shuffle=data.shuffle, max_documents=data.max_documents, cache_dir=data.cache_dir)
+    check_enough_rows(len(dataset), config, mesh)
+    evaluation = _evaluation(config, tokenizer)
+    fingerprint = run_fingerprint(config, tokenizer, dataset, mesh.dp)
+    say = partial(_say, mesh)
+    start, earlier = choose_start(config, run_dir, fingerprint, say)
+    model, optimizer, scheduler = build_engine(config, mesh, hf_config, tokenizer.vocab_size)
+    state = checkpoint.TrainState(model, optimizer, scheduler)
+    if start is not None:
+        checkpoint.load(state, start, earlier)
+        say(f"longseq: resumed from {start} at step {state.step}")
+    if mesh.rank == 0:
+        continue_run_dir(run_dir, state.step, say)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return Run(config, mesh, model, dataset, evaluation, tokenizer, state, run_dir, fingerprint, start)
 
 
-def _loop(config: TrainConfig, mesh: Mesh, model, dataset: PackedRows, state, run_dir: Path) -> list[dict] | None:
-    steps, section = config.training.steps, config.checkpoint
-    report = _Reporter(config, mesh, model, run_dir, state.step)
-    saved = None
-    with _CtrlC() as ctrl_c:
-        while state.step < steps:
-            report.start()
+def _evaluation(config: TrainConfig, tokenizer) -> Evaluation | None:
+    section, data = config.eval, config.data
+    if not section.paths:
+        return None
+    rows = build_dataset(section.paths, format=data.format, text_field=data.text_field, split=section.split,
+                         tokenizer=tokenizer, seq_len=data.seq_len, seed=0, shuffle=False, max_documents=None,
+                         cache_dir=data.cache_dir, field="eval.paths")
+    count = min(len(rows), section.max_sequences or len(rows))
+    return Evaluation(rows, count, config.training.batch_size)
+
+
+def _loop(run: Run, stop: StopRequests) -> list[dict] | None:
+    config, mesh, state, section = run.config, run.mesh, run.state, run.config.checkpoint
+    report = Reporter(config, mesh, run.model, run.run_dir, state.step)
+    saved = run.start
+    try:
+        while True:
+            signum = stop.agreed(mesh)
+            if signum:
+                _stop(run, signum, saved)
+            if state.step >= config.training.steps:
+                break
+            report.lap()
             try:
-                loss, grad_norm, positions = train_step(config, mesh, model, dataset, state)
+                loss, grad_norm, positions = train_step(config, mesh, run.model, run.dataset, state)
             except torch.OutOfMemoryError as e:
                 raise TrainingError(explain_oom(config, mesh, state.step + 1)) from e
-            report.step(state, loss, grad_norm, positions)
-            if ctrl_c.agreed(mesh):
-                checkpoint.save(state, run_dir, section.keep)
-                report.close()
-                raise Interrupted(f"stopped at step {state.step} after Ctrl-C; checkpoint saved in "
-                                  f"{checkpoint.checkpoint_dir(run_dir, state.step)}. Run the same command to resume.")
+            seconds = report.lap()
+            report.step(state, loss, grad_norm, positions, seconds, _evaluate_if_due(run))
             if section.every and state.step % section.every == 0:
-                saved = checkpoint.save(state, run_dir, section.keep)
-    if saved is None or saved != checkpoint.checkpoint_dir(run_dir, state.step):
-        checkpoint.save(state, run_dir, section.keep)
-    report.close()
+                saved = checkpoint.save(state, run.run_dir, section.keep, run.fingerprint)
+    finally:
+        report.close()
+    if not _same(saved, checkpoint.checkpoint_dir(run.run_dir, state.step)):
+        checkpoint.save(state, run.run_dir, section.keep, run.fingerprint)
     return report.rows if mesh.rank == 0 else None
+
+
+def _evaluate_if_due(run: Run) -> float | None:
+    every, step = run.config.eval.every, run.state.step
+    if run.evaluation is None or not (step == run.config.training.steps or (every and step % every == 0)):
+        return None
+    return run.evaluation(run.model, run.mesh)
+
+
+def _stop(run: Run, signum: int, saved: Path | None) -> None:
+    """Note [Stopping without losing work]: save (unless this step is saved already), then raise Interrupted."""
+    path = checkpoint.checkpoint_dir(run.run_dir, run.state.step)
+    if run.state.step == 0:
+        raise Interrupted(f"stopped by {signal_name(signum)} before the first step; nothing to save.", signum)
+    if not _same(saved, path):
+        checkpoint.save(run.state, run.run_dir, run.config.checkpoint.keep, run.fingerprint)
+    if run.mesh.rank == 0:
+        _plot(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir)
+    raise Interrupted(f"stopped at step {run.state.step} by {signal_name(signum)}; checkpoint saved in {path}. Run "
+                      "the same command to resume.", signum)
+
+
+def _same(a: Path | None, b: Path) -> bool:
+    return a is not None and a.resolve() == b.resolve()
+
+
+def _abort(signum: int, run_dir: Path, mesh: Mesh) -> None:
+    """A repeated stop signal: exit at once, without saving (Note [Stopping without losing work])."""
+    done = [p for p in checkpoint.step_dirs(run_dir) if checkpoint.is_complete(p)]
+    last = f"the last checkpoint is {done[-1]}" if done else "there is no checkpoint yet"
+    _say(mesh, f"longseq train: aborted by a second {signal_name(signum)} without saving; {last}.")
+    os._exit(128 + signum)
+
+
+def _say(mesh: Mesh, line: str) -> None:
+    """Print one line on rank 0 (stderr)."""
+    if mesh.rank == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _plot(rows: list[dict], run_dir: Path) -> bool:
+    return bool(rows) and plot_loss(rows, run_dir / "loss.png", f"longseq train: {run_dir.name}")
 
 
 def train_step(config: TrainConfig, mesh: Mesh, model, dataset: PackedRows, state):
@@ -169,8 +245,8 @@ def explain_oom(config: TrainConfig, mesh: Mesh, step: int) -> str:
     """What ran out of memory, and what to switch on, most effective first."""
     tips = []
     if config.memory is None:
-        tips.append("switch on the memory features: --memory.tiled_loss=true (tiled MLP, tiled loss and "
-                    "offloaded checkpoints all come on with any memory.* key)")
+        tips.append("switch the memory features on (tiled MLP, norms and loss, offloaded checkpoints): drop "
+                    "`memory: false` or --memory=false")
     else:
         off = [k for k in ("tiled_loss", "tiled_mlp", "tiled_norms", "offload_checkpoints")
                if not getattr(config.memory, k)]
@@ -183,68 +259,3 @@ def explain_oom(config: TrainConfig, mesh: Mesh, step: int) -> str:
     tips.append("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True if memory is fragmented")
     return (f"out of memory at step {step} with data.seq_len={config.data.seq_len} (sp={mesh.sp}, "
             f"{config.data.seq_len // mesh.sp} tokens per rank). Try, in order:\n  - " + "\n  - ".join(tips))
-
-
-class _CtrlC:
-    """The first Ctrl-C asks for a checkpoint at the end of the step; a second one aborts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def agreed(self, mesh: Mesh) -> bool:
-        """True on every rank if any rank was interrupted (they must save together)."""
-        if mesh.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=mesh.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
-
-
-class _Reporter:
-    """Times each step and, on rank 0, writes metrics and drives the progress bar."""
-
-    def __init__(self, config: TrainConfig, mesh: Mesh, model, run_dir: Path, start: int):
-        causal = find_causal_lm(model)
-        self.config, self.mesh = config, mesh
-        self.params = matmul_params(causal)
-        self.layers, self.hidden = causal.config.num_hidden_layers, causal.config.hidden_size
-        self.peak = peak_tflops(mesh.device, config.metrics.peak_tflops)
-        self.rows: list[dict] = []
-        self.writer = self.progress = None
-        if mesh.rank == 0:
-            self.writer = MetricsWriter(run_dir, config.metrics.tensorboard)
-            self.progress = Progress(config.training.steps, start, config.metrics.progress)
-        self.timer = Timer(mesh.device)
-
-    def start(self) -> None:
-        self.timer.lap()
-
-    def step(self, state, loss: float, grad_norm: float, positions: torch.Tensor) -> None:
-        seconds = self.timer.lap()
-        if self.mesh.rank != 0 or state.step % self.config.metrics.log_every:
-            return
-        # Rank 0's rows stand for every dp group's (same length; document mix may differ slightly).
-        flops = train_flops(self.params, self.layers, self.hidden, positions) * self.mesh.dp
-        tflops = flops / seconds / 1e12 / self.mesh.world_size
-        tokens = positions.numel() * self.mesh.dp
-        row = {"step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-               "tokens": tokens, "tokens_per_s": tokens / seconds,
-               "tflops_per_device": tflops, "mfu": tflops / self.peak if self.peak else None,
-               "peak_mem_gib": peak_memory_gib(self.mesh.device), "step_s": seconds}
-        self.rows.append(row)
-        self.writer.write(row)
-        self.progress.update(row)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.progress.close()

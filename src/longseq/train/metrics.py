@@ -1,4 +1,5 @@
-"""What a run reports: throughput and FLOP estimates, metrics.jsonl, TensorBoard, and the rank-0 progress bar."""
+"""What a run reports: throughput and FLOP estimates, metrics.jsonl, TensorBoard, progress on rank 0, and the
+summary line and loss plot at the end."""
 
 from __future__ import annotations
 
@@ -51,17 +52,34 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to `step` (a resumed run writes the later ones again)."""
+    if path.exists():
+        kept = [row for row in read_metrics(path) if row["step"] <= step]
+        partial = path.with_suffix(".jsonl.tmp")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        partial.replace(path)
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and, if available, TensorBoard events. Rank 0 only."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, start: int):
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: events of steps after `start` (from before a resume) are dropped, as in metrics.jsonl
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
             except ImportError:
                 print("longseq: tensorboard is not installed (pip install tensorboard); writing metrics.jsonl only.",
                       file=sys.stderr)
@@ -81,28 +99,72 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on rank 0: step, loss, tokens/s, TFLOP/s per device, MFU, peak memory, ETA."""
+    """Rank 0's view of the run: a tqdm bar on a terminal, else one line per logged step on stdout (logs, `| tee`)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if enabled:
+        self.total, self.bar, self.lines = total, None, False
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        else:
+            self.lines = enabled
 
     def update(self, row: dict) -> None:
-        if self.bar is None:
-            return
         shown = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}",
                  "TFLOP/s": f"{row['tflops_per_device']:.2f}", "mem": f"{row['peak_mem_gib']:.1f}G"}
         if row.get("mfu") is not None:
             shown["MFU"] = f"{100 * row['mfu']:.1f}%"
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(row["step"] - self.bar.n)
+        if row.get("eval_loss") is not None:
+            shown["eval_loss"] = f"{row['eval_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(row["step"] - self.bar.n)
+        elif self.lines:
+            print(f"step {row['step']}/{self.total} " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def summary_line(rows: list[dict], run_dir: Path, plotted: bool) -> str:
+    """One line for the end of a run: first → last loss, steps, tokens/s, where everything is."""
+    if not rows:
+        return f"longseq train: no steps logged; run directory {run_dir}"
+    seconds = sum(r["step_s"] for r in rows)
+    speed = sum(r["tokens"] for r in rows) / seconds if seconds else float("nan")
+    plot = "loss.png" if plotted else "no loss.png: pip install matplotlib"
+    evaluated = [r for r in rows if "eval_loss" in r]
+    eval_part = f", eval loss {evaluated[-1]['eval_loss']:.4f} at step {evaluated[-1]['step']}" if evaluated else ""
+    return (f"longseq train: loss {rows[0]['loss']:.4f} → {rows[-1]['loss']:.4f} over steps {rows[0]['step']}–"
+            f"{rows[-1]['step']}{eval_part}, {speed:,.0f} tokens/s; run directory {run_dir} ({plot})")
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> bool:
+    """The loss and its moving average against the step, as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    smooth, average = [], losses[0] if losses else 0.0
+    for loss in losses:  # one sequence per step is noisy; the moving average shows the trend
+        average = 0.9 * average + 0.1 * loss
+        smooth.append(average)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label="moving average")
+    ax.legend()
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 class Timer:
@@ -118,3 +180,48 @@ class Timer:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed
+
+
+class Reporter:
+    """Times each step and, on rank 0, writes metrics.jsonl and drives the progress view."""
+
+    def __init__(self, config, mesh, model, run_dir: Path, start: int):
+        self.config, self.mesh = config, mesh
+        self.params = matmul_params(model)
+        self.layers, self.hidden = model.config.num_hidden_layers, model.config.hidden_size
+        self.peak = peak_tflops(mesh.device, config.metrics.peak_tflops)
+        self.rows: list[dict] = []
+        self.writer = self.progress = None
+        if mesh.rank == 0:
+            self.writer = MetricsWriter(run_dir, config.metrics.tensorboard, start)
+            self.progress = Progress(config.training.steps, start, config.metrics.progress)
+        self.timer = Timer(mesh.device)
+
+    def lap(self) -> float:
+        """Seconds since the last call (call before and after the timed work)."""
+        return self.timer.lap()
+
+    def step(self, state, loss: float, grad_norm: float, positions: torch.Tensor, seconds: float,
+             eval_loss: float | None = None) -> None:
+        """Log a step every metrics.log_every steps, and every step that was evaluated."""
+        if self.mesh.rank != 0 or (state.step % self.config.metrics.log_every and eval_loss is None):
+            return
+        # Rank 0's rows stand for every dp group's (same length; document mix may differ slightly).
+        flops = train_flops(self.params, self.layers, self.hidden, positions) * self.mesh.dp
+        tflops = flops / seconds / 1e12 / self.mesh.world_size
+        tokens = positions.numel() * self.mesh.dp
+        row = {"step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               "tokens": tokens, "tokens_per_s": tokens / seconds,
+               "tflops_per_device": tflops, "mfu": tflops / self.peak if self.peak else None,
+               "peak_mem_gib": peak_memory_gib(self.mesh.device), "step_s": seconds}
+        if eval_loss is not None:
+            row["eval_loss"] = eval_loss
+        self.rows.append(row)
+        self.writer.write(row)
+        self.progress.update(row)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.progress.close()
+            self.writer = None

@@ -1,14 +1,20 @@
 """Exactness of the CUDA/NCCL paths that CPU tests cannot reach: attention kernels, ring/Ulysses/hybrid over NCCL,
-and the memory features (pinned offload on a side stream), each against an unsharded fp32 reference.
+the memory features (pinned offload on a side stream) and Gated DeltaNet hybrids (linear_checks.py), each against an
+unsharded fp32 reference.
 
-    torchrun --nproc-per-node 4 -m bench.check_gpu      (or 2 GPUs: sp = the world size, ring sizes up to it)
+    python -m pytest -q tests/gpu                                   # what CI would run if it had GPUs (it skips)
+    torchrun --nproc-per-node 4 -m tests.gpu.nccl_checks --record   # 4 GPUs (or 2: sp = the world size, ring sizes
+                                                                    # up to it); --record: bench/results/check_gpu.jsonl
 
-Prints one line per check with the max error and its tolerance, and ends with one JSON line.
+Prints one line per check with the max error and its tolerance, and ends with one JSON line; test_cuda_paths.py runs
+this under torchrun and fails on any check over its tolerance.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 
 import torch
@@ -21,19 +27,19 @@ from longseq.parallel.balance import portion_positions
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
+from tests.gpu.linear_checks import check_linear_attention
 
-RESULTS = []
-
-
-def report(name: str, error: float, tolerance: float, **extra) -> None:
+def report(results: list[dict], name: str, error: float, tolerance: float, **extra) -> None:
+    """Append one check's outcome to `results` and print it (rank 0, or the only process)."""
     ok = error <= tolerance
-    RESULTS.append(dict(check=name, error=error, tolerance=tolerance, ok=ok, **extra))
-    if dist.get_rank() == 0:
+    results.append(dict(check=name, error=error, tolerance=tolerance, ok=ok, **extra))
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{'ok ' if ok else 'BAD'} {name:<48} max error {error:.3e} (tolerance {tolerance:.1e}) {extra or ''}",
               flush=True)
 
 
-def check_kernels() -> None:
+def check_kernels(results: list[dict]) -> None:
+    """Each CUDA SDPA backend's block forward and backward (output and log-sum-exp contract), and flex's."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 8, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     dout = torch.randn_like(q)
@@ -48,20 +54,20 @@ def check_kernels() -> None:
                 out, lse = kernels.block_forward(q, k, v, causal=causal, scale=0.1)
                 dq, dk, dv = kernels.block_backward(dout, q, k, v, out, lse, causal=causal, scale=0.1)
             except RuntimeError as error:
-                report(f"kernel {backend} causal={causal}", float("inf"), 0, error=str(error)[:200])
+                report(results, f"kernel {backend} causal={causal}", float("inf"), 0, failure=str(error)[:200])
                 continue
             error = max((a.float() - b).abs().max().item() for a, b in
                         ((out, ref), (dq, ref_q.grad), (dk, ref_k.grad), (dv, ref_v.grad)))
-            report(f"kernel {backend} causal={causal}", error, 5e-2)
+            report(results, f"kernel {backend} causal={causal}", error, 5e-2)
         out, lse = kernels.block_forward(q, k, v, causal=causal, scale=0.1, kernel="flex")
         grads = kernels.block_backward(dout, q, k, v, out, lse, causal=causal, scale=0.1, kernel="flex")
         error = max((a.float() - b).abs().max().item() for a, b in
                     zip((out, *grads), (ref, ref_q.grad, ref_k.grad, ref_v.grad)))
-        report(f"kernel flex causal={causal}", error, 5e-2)
+        report(results, f"kernel flex causal={causal}", error, 5e-2)
     kernels._chosen.clear()
 
 
-def check_attention(mesh, length: int, boundaries, kernel: str = "sdpa") -> None:
+def check_attention(results: list[dict], mesh, length: int, boundaries, kernel: str = "sdpa") -> None:
     """Ring/hybrid/Ulysses attention (bf16, NCCL) vs the whole sequence's attention in fp32 on one GPU."""
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 8, length, 128, device="cuda"), torch.randn(2, 2, length, 128, device="cuda"), \
@@ -85,11 +91,11 @@ def check_attention(mesh, length: int, boundaries, kernel: str = "sdpa") -> None
                 *((a.grad.float() - b.grad[:, :, piece]).abs().max().item() for a, b in zip(local, full)))
     assert per_rank * mesh.ring == length
     # flex's recompute backward rounds each block's share of the gradient to bf16 once more (kernels.py).
-    report(f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None} {kernel}", error,
+    report(results, f"attention u={mesh.ulysses} r={mesh.ring} S={length} packed={boundaries is not None} {kernel}", error,
            8e-2 if kernel == "flex" else 6e-2)
 
 
-def check_model(mesh, memory, attn: str = "sdpa") -> None:
+def check_model(results: list[dict], mesh, memory, attn: str = "sdpa") -> None:
     """A small Llama on the GPU, sharded (and memory features) vs the plain model: fp32 for Ulysses; bf16 (relative
     to the plain model in bf16) for ring, whose CUDA kernels take bf16/fp16 only."""
     import transformers
@@ -118,27 +124,45 @@ def check_model(mesh, memory, attn: str = "sdpa") -> None:
                 for n, p in model.named_parameters())
     error = max(error, abs(loss.item() - ref_loss.item()))
     stats = longseq.memory.offload_stats(model).peak_bytes if memory and memory.offload_checkpoints else 0
-    report(f"model u={mesh.ulysses} r={mesh.ring} memory={memory is not None} {attn} {dtype}", error,
+    report(results, f"model u={mesh.ulysses} r={mesh.ring} memory={memory is not None} {attn} {dtype}", error,
            1e-3 if dtype == torch.float32 else 5e-2, host_peak_bytes=stats)
 
 
-def main() -> None:
-    dist.init_process_group("nccl")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    check_kernels()
+def check_meshes(results: list[dict]) -> None:
+    """Every layout the world size allows (ring 1, 2, 4; Ulysses for the rest), attention alone and a whole model."""
     world = dist.get_world_size()
     for ring in (r for r in (1, 2, 4) if r <= world):
         mesh = longseq.init_mesh(sp=world, ring=ring)
         for kernel in ("sdpa", "flex") if ring > 1 else ("sdpa",):
             for boundaries in (None, [[0, 3000, 3001, 16384], [0, 9000, 16384]]):
-                check_attention(mesh, 16384, boundaries, kernel)
-        check_model(mesh, None)
-        check_model(mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0))
+                check_attention(results, mesh, 16384, boundaries, kernel)
+        check_model(results, mesh, None)
+        check_model(results, mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0))
         if ring > 1:
-            check_model(mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0), attn="flex_attention")
+            check_model(results, mesh, longseq.MemoryConfig(tile_tokens=300, offload_min_bytes=0),
+                        attn="flex_attention")
+        check_linear_attention(results, mesh, report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=None, help="rank 0 writes the checks here as JSON")
+    parser.add_argument("--record", action="store_true", help="append the record to bench/results/check_gpu.jsonl")
+    args = parser.parse_args()
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    results: list[dict] = []
+    check_kernels(results)
+    check_meshes(results)
     if dist.get_rank() == 0:
-        write_record("check_gpu", dict(bench="check_gpu", results=RESULTS, all_ok=all(r["ok"] for r in RESULTS),
-                                       **machine()))
+        record = dict(bench="check_gpu", results=results, all_ok=all(r["ok"] for r in results), **machine())
+        if args.results:
+            with open(args.results, "w") as fh:
+                json.dump(record, fh)
+        if args.record:
+            write_record("check_gpu", record)
+        else:
+            print(json.dumps(record), flush=True)
     dist.destroy_process_group()
 
 

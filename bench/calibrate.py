@@ -1,0 +1,221 @@
+"""Measure one card for the plan (kernel and link speeds, the attention kernels' memory facts) and write its card.
+
+    python -m bench.calibrate                                  # one GPU: updates src/longseq/plan/cards/<card>.json
+    python -m bench.calibrate --device cpu --out /tmp/cpu.json # CPU at tiny sizes (the 'cpu' card's speeds)
+
+What it measures, each on the card at hand (figures it cannot measure here keep the stored value and source):
+attention forward and backward TFLOP/s of longseq's block kernels (head_dim 128 and 64 on a GPU); the effective
+GEMM speed of one decoder layer's forward and backward less its attention; pinned host↔device copies on a side
+stream; device memory bandwidth; fused AdamW on the host; the output/lse layouts and workspace of the attention
+backward; whether the model's own SDPA builds per-query-head dk/dv under GQA; and the extra time per token of the
+tiled MLP, recomputed norms and tiled loss (a two-layer model, each feature switched on alone). Prints a table and
+ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import machine, synchronize
+from longseq.plan.card import CARDS, card_to_json, load_card
+
+# (heads, kv heads, head_dim, hidden, intermediate, tokens) for a GPU and for a CPU smoke run.
+SIZES = {"cuda": dict(heads=32, kv=8, dims=(128, 64), hidden=4096, inter=14336, tokens=16384, vocab=128256),
+         "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256)}
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    fn()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def attention_speeds(device, dtype, size) -> tuple[dict, dict]:
+    """Causal block-kernel forward and backward TFLOP/s by head_dim (forward FLOPs 2·S²·heads·d, backward 2.5×)."""
+    from longseq.parallel.kernels import block_backward, block_forward
+
+    forward, backward, s = {}, {}, size["tokens"]
+    for d in size["dims"]:
+        q, k, v = (torch.randn(1, h, s, d, device=device, dtype=dtype) for h in (size["heads"], size["kv"], size["kv"]))
+        out, lse = block_forward(q, k, v, causal=True, scale=d ** -0.5)
+        flops = 2.0 * s * s * size["heads"] * d
+        forward[str(d)] = flops / _timed(lambda: block_forward(q, k, v, causal=True, scale=d ** -0.5)) / 1e12
+        dout = torch.randn_like(out)
+        seconds = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal=True, scale=d ** -0.5))
+        backward[str(d)] = 2.5 * flops / seconds / 1e12
+    return forward, backward
+
+
+def attention_memory(device, dtype, size) -> dict:
+    """The block kernels' output and lse layouts, and (on a GPU) the backward's own bytes per query element."""
+    from longseq.parallel.kernels import block_backward, block_forward
+
+    heads, d, s = size["heads"], size["dims"][0], size["tokens"]
+    q = torch.randn(1, s, heads, d, device=device, dtype=dtype).transpose(1, 2)  # the projections' layout
+    k = torch.randn(1, size["kv"], s, d, device=device, dtype=dtype)
+    out, lse = block_forward(q, k, k, causal=True, scale=1.0)
+    facts = {"attention_output_layout": "like_q" if out.stride() == q.stride() else "bshd",
+             "attention_lse_dense": lse.is_contiguous()}
+    if device.type == "cuda":
+        args = [t.contiguous() for t in (torch.randn_like(out), q, k, k, out, lse)]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        block_backward(*args, causal=True, scale=1.0, grad_dtype=dtype)
+        # K and V expanded to the query heads, and the kernel's dq, dk, dv: five q-sized tensors besides its own.
+        extra = torch.cuda.max_memory_allocated() - before - 5 * q.numel() * q.element_size()
+        facts["attention_workspace_bytes"] = max(0.0, extra / q.numel())
+    return facts
+
+
+def sdpa_gqa_expands(device, dtype, size) -> bool:
+    """Whether SDPA's backward with enable_gqa holds dk/dv for every query head (more than dq + dk + dv)."""
+    import torch.nn.functional as F
+
+    if device.type != "cuda":
+        return False
+    heads, kv, d, s = size["heads"], size["kv"], size["dims"][0], size["tokens"]
+    q = torch.randn(1, heads, s, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv, s, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn_like(out)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(grad)
+    extra = torch.cuda.max_memory_allocated() - before
+    # dq, dk, dv are 1.5 q's and an fp32 dq accumulator 2 more; per-query-head dk and dv add another 2.
+    return extra > q.numel() * q.element_size() * 4.5
+
+
+def copy_speeds(device, dtype) -> dict:
+    if device.type != "cuda":
+        return {}
+    n = 1 << 30
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(n, dtype=torch.uint8, device=device)
+    other = torch.empty_like(gpu)
+    stream = torch.cuda.Stream()
+
+    def on_side(fn):
+        with torch.cuda.stream(stream):
+            fn()
+        stream.synchronize()
+
+    gib = n / 2**30
+    return {"host_to_device_gib_s": gib / _timed(lambda: on_side(lambda: gpu.copy_(host, non_blocking=True))),
+            "device_to_host_gib_s": gib / _timed(lambda: on_side(lambda: host.copy_(gpu, non_blocking=True))),
+            "memory_gib_s": 2 * gib / _timed(lambda: other.copy_(gpu))}
+
+
+def host_adamw(device) -> float:
+    """Fused AdamW on the host, parameters per second / 1e9."""
+    count = 1 << (26 if device.type == "cuda" else 22)
+    param = torch.nn.Parameter(torch.zeros(count))
+    param.grad = torch.ones(count)
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True)
+    return count / _timed(optimizer.step) / 1e9
+
+
+def layer_model(size, device, dtype, layers: int):
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["inter"],
+                                      num_hidden_layers=layers, num_attention_heads=size["heads"],
+                                      num_key_value_heads=size["kv"], vocab_size=size["vocab"],
+                                      head_dim=size["dims"][0], max_position_embeddings=1 << 20)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
+
+
+def step_seconds(size, device, dtype, memory, layers: int = 2) -> float:
+    """A forward + backward of a `layers`-layer model under `memory` (checkpointed layers kept on the device)."""
+    import longseq
+
+    model = layer_model(size, device, dtype, layers)
+    longseq.apply(model, longseq.Mesh(), memory)
+    s = size["tokens"]
+    ids = torch.randint(0, size["vocab"], (1, s), device=device)
+    batch = longseq.shard_batch({"input_ids": ids, "position_ids": torch.arange(s, device=device)[None]},
+                                longseq.Mesh())
+    return _timed(lambda: longseq.causal_lm_loss(model, batch).backward(), repeats=2)
+
+
+def feature_costs(size, device, dtype, attention_forward, attention_backward) -> dict:
+    """ns per token (and layer) of each tiled feature, and the effective GEMM speed of a plain step."""
+    from longseq import MemoryConfig
+
+    layers, s = 2, size["tokens"]
+    plain = dict(tiled_mlp=False, tiled_norms=False, tiled_loss=False, offload_checkpoints=True,
+                 cache_attention=False, keep_last_layers_on_gpu=layers, tile_memory_mib=256)
+    base = step_seconds(size, device, dtype, MemoryConfig(**plain), layers)
+    out = {}
+    for feature, per_layer in (("tiled_mlp", True), ("tiled_norms", True), ("tiled_loss", False)):
+        seconds = step_seconds(size, device, dtype, MemoryConfig(**{**plain, feature: True}), layers)
+        out[f"{feature}_ns"] = max(0.0, seconds - base) / (s * (layers if per_layer else 1)) * 1e9
+    h, a, kv, i = size["hidden"], size["heads"] * size["dims"][0], size["kv"] * size["dims"][0], size["inter"]
+    attention = 2.0 * s * s * a
+    attention_s = layers * (2 * attention / attention_forward + 2.5 * attention / attention_backward) / 1e12
+    dense = 8.0 * s * (2 * h * a + 2 * h * kv + 3 * h * i) * layers + 6.0 * s * h * size["vocab"]
+    out["gemm_tflops"] = dense / max(base - attention_s, 1e-9) / 1e12
+    return out
+
+
+def calibrate(device: torch.device) -> dict:
+    """Measured values by card field."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = SIZES[device.type]
+    forward, backward = attention_speeds(device, dtype, size)
+    values = {"attention_forward_tflops": forward, "attention_backward_tflops": backward,
+              "host_adamw_gparams_s": host_adamw(device), "pinned_host_memory": device.type == "cuda",
+              "sdpa_gqa_expands_kv_grads": sdpa_gqa_expands(device, dtype, size)}
+    values.update(attention_memory(device, dtype, size), **copy_speeds(device, dtype))
+    d = str(size["dims"][0])
+    values.update(feature_costs(size, device, dtype, forward[d], backward[d]))
+    if device.type == "cuda":
+        values["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return values
+
+
+def write_card(values: dict, device: torch.device, out: Path | None) -> Path:
+    """Merge `values` into the stored card of this device (or a new one) and write it."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    stem = name.split()[-1].lower() if device.type == "cuda" else "cpu"
+    path = out or CARDS / f"{stem}.json"
+    stored = CARDS / f"{stem}.json"
+    data = card_to_json(load_card(str(stored))) if stored.is_file() else {"name": name, "values": {}}
+    info = machine()
+    source = f"measured: bench/calibrate.py, {info['card']}, torch {info['torch']}, {info['date']}"
+    for key, value in values.items():
+        data["values"][key] = {"value": value, "source": source}
+    data["name"] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="where to write the card (default: the package's cards/)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    values = calibrate(device)
+    for key, value in sorted(values.items()):
+        print(f"{key:<32}{value}")
+    path = write_card(values, device, args.out)
+    load_card(str(path))  # the card must load
+    print(json.dumps({"bench": "calibrate", "card_file": str(path), "values": values, **machine()}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+r"""Note [Chunked gated delta rule]
+
+The gated delta rule (Gated DeltaNet; transformers' Qwen3-Next, Qwen3.5, OLMo-Hybrid) keeps per head a state
+S (dk × dv). Token t, with key k_t (unit length), value v_t, query q_t (unit length, scaled by dk^-½), decay g_t ≤ 0
+and write strength β_t, does
+
+    S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ          o_t = S_tᵀ q_t
+
+so each token is an affine map of the state, S ↦ M_t S + N_t, and so is any run of tokens: the maps compose as
+(A₂, B₂) ∘ (A₁, B₁) = (A₂A₁, A₂B₁ + B₂). Chunks of C = 64 tokens get their map in closed form. Inside a chunk with
+γ_i = g_1 + … + g_i, the state after token i is S_i = e^{γ_i} S_0 + Σ_{j≤i} e^{γ_i−γ_j} k_j u_jᵀ for "new values"
+u_j, and putting that into the recurrence gives a unit lower-triangular system (UT transform):
+
+    (I + L) U = Vβ − (Kβ ⊙ e^γ) S_0,     L_ij = β_i e^{γ_i−γ_j} k_iᵀk_j  (j < i)
+    U = U₀ − W S_0  with  U₀ = (I+L)⁻¹ Vβ,  W = (I+L)⁻¹ (Kβ ⊙ e^γ)
+
+and with D_ij = e^{γ_i−γ_j} (j ≤ i, else 0) and K̃ = K ⊙ e^{γ_C−γ}, everything is linear in S_0:
+
+    outputs   O   = R S_0 + O₀        R = Q ⊙ e^γ − (QKᵀ ⊙ D) W     O₀ = (QKᵀ ⊙ D) U₀          (C × dk, C × dv)
+    end state S_C = A S_0 + B          A = e^{γ_C} I − K̃ᵀ W           B = K̃ᵀ U₀                  (dk × dk, dk × dv)
+
+All chunks' (A, B, R, O₀) are computed at once (batched matmuls and one triangular solve); what remains sequential
+is the scan S_c = A_c S_{c−1} + B_c over chunks, dk²·dv per chunk (the same work as the usual form
+S_C = e^{γ_C}S_0 + K̃ᵀ(U₀ − W S_0)), and then every chunk's outputs again at once.
+
+Packed documents. Every segment (a document's tokens in one row) starts on a chunk boundary: the chunk layout pads
+each segment to a multiple of C with zero tokens (k = v = q = 0, β = g = 0: the identity map, output dropped), and
+the scan restarts at a segment's first chunk, S_0 = 0. Rows are laid out side by side, padded to the same number
+of chunks.
+
+State from elsewhere (Note [Linear attention state passing], state_passing.py). A segment marked `link` continues a
+document whose earlier tokens another rank holds, from a state S_in that is not known yet. The scan then carries,
+next to the state S⁰ computed from S_in = 0, the transition P (dk × dk) from S_in: X = [S⁰ | P] starts at [0 | I]
+and goes through the same maps (P ↦ A P). After the scan, a chunk's true start state is S⁰ + P S_in, and the end of
+a run of chunks gives the run's own map (A_run, B_run) = (P_end, S⁰_end), which is what ranks exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_TOKENS = 64
+"""Tokens per chunk (transformers' reference and flash-linear-attention use 64 as well)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """Consecutive tokens of one document in one row of the local sequence."""
+
+    start: int
+    """Offset of the first token in the row's local tokens."""
+    length: int
+    linked: bool = False
+    """Whether the segment continues from a state computed elsewhere (S_in) rather than from zero."""
+    run: int = 0
+    """Which incoming state S_in continues it (an index into the incoming states of its row); read if `linked`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkLayout:
+    """Where each local token sits among the chunks, and how the scan starts each chunk. Rows × `chunks` chunks."""
+
+    rows: int
+    chunks: int
+    dest: torch.Tensor
+    """(rows · local length,) the flat chunk-token slot of each token (row-major)."""
+    keep: torch.Tensor
+    """(rows, chunks) 1.0 where a chunk continues from the chunk before it, 0.0 where the state restarts."""
+    link: torch.Tensor
+    """(rows, chunks) 1.0 on the first chunk of a linked segment: the transition P restarts at I there."""
+    chunk_run: torch.Tensor
+    """(rows, chunks) the incoming state that each chunk's transition refers to."""
+    run_ends: torch.Tensor
+    """(rows, runs) the last chunk of each of the rank's runs (their maps are exchanged); (rows, 0) without state passing."""
+
+
+def chunk_layout(segments: list[list[Segment]], local_length: int, run_ends: list[list[int]] | None = None,
+                 device=None, chunk: int = CHUNK_TOKENS) -> ChunkLayout:
+    """Lay each row's segments out on chunk boundaries. `run_ends[row][r]` names the segment (by index in the row)
+    that ends run r; the layout turns it into that segment's last chunk."""
+    rows = [_row_chunks(row_segments, chunk) for row_segments in segments]
+    chunks = max(len(row["keep"]) for row in rows)
+    dest = torch.empty(len(rows) * local_length, dtype=torch.long)
+    for r, (row, row_segments) in enumerate(zip(rows, segments)):
+        for first, segment in zip(row["first"], row_segments):
+            source, target = r * local_length + segment.start, (r * chunks + first) * chunk
+            dest[source:source + segment.length] = torch.arange(target, target + segment.length)
+
+    def table(name, fill):
+        return torch.tensor([row[name] + [fill] * (chunks - len(row[name])) for row in rows], device=device)
+
+    ends = [[row["last"][s] for s in (run_ends[r] if run_ends else [])] for r, row in enumerate(rows)]
+    return ChunkLayout(rows=len(rows), chunks=chunks, dest=dest.to(device), keep=table("keep", 0.0),
+                       link=table("link", 0.0), chunk_run=table("run", 0),
+                       run_ends=torch.tensor(ends, dtype=torch.long, device=device).view(len(rows), -1))
+
+
+def _row_chunks(segments: list[Segment], chunk: int) -> dict:
+    """One row: each segment's first and last chunk, and per chunk keep, link and run."""
+    row = dict(first=[], last=[], keep=[], link=[], run=[])
+    for segment in segments:
+        count = -(-segment.length // chunk)
+        row["first"].append(len(row["keep"]))
+        row["keep"] += [0.0] + [1.0] * (count - 1)
+        row["link"] += [float(segment.linked)] + [0.0] * (count - 1)
+        row["run"] += [segment.run] * count
+        row["last"].append(len(row["keep"]) - 1)
+    return row
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|² + eps) over the last dim, as the models' kernels compute it (in fp32)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def to_chunks(x: torch.Tensor, layout: ChunkLayout, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """(B, L, H, ...) token-major → (B, H, n, C, ...) on the layout's chunk slots (zeros elsewhere)."""
+    flat = x.flatten(0, 1)
+    slots = flat.new_zeros(layout.rows * layout.chunks * chunk, *flat.shape[1:]).index_copy(0, layout.dest, flat)
+    slots = slots.view(layout.rows, layout.chunks, chunk, *flat.shape[1:])
+    return slots.movedim(3, 1)
+
+
+def from_chunks(x: torch.Tensor, layout: ChunkLayout, local_length: int) -> torch.Tensor:
+    """(B, H, n, C, D) → (B, L, H, D): each token's value read back from its chunk slot."""
+    flat = x.movedim(1, 3).flatten(0, 2)
+    return flat.index_select(0, layout.dest).view(layout.rows, local_length, *flat.shape[1:])
+
+
+@dataclass(frozen=True)
+class ChunkMaps:
+    """Each chunk's affine maps (Note [Chunked gated delta rule]), fp32, shapes (B, H, n, ...)."""
+
+    transition: torch.Tensor  # A (dk × dk)
+    update: torch.Tensor  # B (dk × dv)
+    read: torch.Tensor  # R (C × dk)
+    local: torch.Tensor  # O₀ (C × dv)
+
+
+def chunk_maps(q, k, v, g, beta) -> ChunkMaps:
+    """q, k (B, H, n, C, dk) unit-length (q also scaled), v (B, H, n, C, dv), g, beta (B, H, n, C); all fp32."""
+    size = q.shape[-2]
+    gamma = g.cumsum(-1)
+    lower = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    decay = (gamma.unsqueeze(-1) - gamma.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()  # D
+    k_beta = k * beta.unsqueeze(-1)
+    system = (k_beta @ k.transpose(-1, -2)) * decay  # I + L once its diagonal is read as 1
+    right = torch.cat([v * beta.unsqueeze(-1), k_beta * gamma.exp().unsqueeze(-1)], dim=-1)
+    solved = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True)
+    values, weights = solved.split([v.shape[-1], k.shape[-1]], dim=-1)  # U₀, W
+    scores = (q @ k.transpose(-1, -2)) * decay
+    read = q * gamma.exp().unsqueeze(-1) - scores @ weights
+    k_tail = k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)  # K̃
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    transition = gamma[..., -1, None, None].exp() * eye - k_tail.transpose(-1, -2) @ weights
+    return ChunkMaps(transition, k_tail.transpose(-1, -2) @ values, read, scores @ values)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Per chunk, the start state from S_in = 0 (B, H, n, dk, dv) and, when linking, the transition from S_in
+    (B, H, n, dk, dk; None otherwise); per run, its map (A_run, B_run) (B, H, runs, dk, dk / dv; None without runs)."""
+
+    starts: torch.Tensor
+    transitions: torch.Tensor | None
+    run_maps: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def scan(maps: ChunkMaps, layout: ChunkLayout, linking: bool) -> Scan:
+    """S_c = A_c S_{c−1} + B_c over the chunks of every row and head, restarting where the layout says."""
+    rows, heads, chunks, dk, dv = maps.update.shape
+    state = maps.update.new_zeros(rows, heads, dk, dv)
+    transition = maps.update.new_zeros(rows, heads, dk, dk) if linking else None
+    eye = torch.eye(dk, dtype=state.dtype, device=state.device)
+    keep, link = layout.keep.to(state.dtype), layout.link.to(state.dtype)
+    starts, transitions = [], []
+    for c in range(chunks):
+        state = state * keep[:, c, None, None, None]
+        starts.append(state)
+        state = maps.transition[:, :, c] @ state + maps.update[:, :, c]
+        if linking:
+            transition = transition * keep[:, c, None, None, None] + link[:, c, None, None, None] * eye
+            transitions.append(transition)
+            transition = maps.transition[:, :, c] @ transition
+    starts = torch.stack(starts, dim=2)
+    transitions = torch.stack(transitions, dim=2) if linking else None
+    return Scan(starts, transitions, _run_maps(maps, starts, transitions, layout) if linking else None)
+
+
+def _run_maps(maps: ChunkMaps, starts, transitions, layout: ChunkLayout):
+    """(A_run, B_run) at each run's last chunk: that chunk's map applied to its start."""
+    if layout.run_ends.shape[1] == 0:
+        return None
+
+    def at_ends(x):
+        index = layout.run_ends[:, None, :].expand(-1, x.shape[1], -1)
+        return x.gather(2, index.reshape(*index.shape, 1, 1).expand(-1, -1, -1, *x.shape[-2:]))
+
+    a = at_ends(maps.transition)
+    return a @ at_ends(transitions), a @ at_ends(starts) + at_ends(maps.update)
+
+
+def chunk_outputs(maps: ChunkMaps, result: Scan, incoming: torch.Tensor | None, layout: ChunkLayout) -> torch.Tensor:
+    """Every chunk's outputs, O = R S_start + O₀ (B, H, n, C, dv); `incoming` (B, H, runs, dk, dv) or None."""
+    start = result.starts
+    if incoming is not None:
+        index = layout.chunk_run[:, None, :].expand(-1, incoming.shape[1], -1)
+        per_chunk = incoming.gather(2, index.reshape(*index.shape, 1, 1).expand(-1, -1, -1, *incoming.shape[-2:]))
+        start = start + result.transitions @ per_chunk
+    return maps.read @ start + maps.local
+
+
+def prepare(q, k, v, g, beta, layout: ChunkLayout):
+    """Token-major model tensors → chunked fp32 inputs of chunk_maps: q, k l2-normalised, q scaled by dk^-½, key
+    heads repeated for grouped value heads (each key head serves Hv/Hk consecutive value heads). fp32 (fp64 stays)."""
+    groups = v.shape[2] // k.shape[2]
+    if groups > 1:
+        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    q = l2_normalize(q.to(dtype))
+    q = q * q.shape[-1] ** -0.5
+    k = l2_normalize(k.to(dtype))
+    return tuple(to_chunks(x.to(dtype), layout) for x in (q, k, v, g, beta))
+
+
+def gated_delta_rule(q, k, v, g, beta, layout: ChunkLayout, incoming=None) -> torch.Tensor:
+    """The gated delta rule over the layout's segments, without state from elsewhere (`incoming` None) or with the
+    incoming states (B, H, runs, dk, dv) of linked segments. q, k (B, L, Hk, dk), v (B, L, Hv, dv), g, beta
+    (B, L, Hv); returns (B, L, Hv, dv) in v's dtype."""
+    maps = chunk_maps(*prepare(q, k, v, g, beta, layout))
+    result = scan(maps, layout, linking=incoming is not None)
+    return from_chunks(chunk_outputs(maps, result, incoming, layout), layout, q.shape[1]).to(v.dtype)
+

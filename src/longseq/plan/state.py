@@ -1,0 +1,52 @@
+"""Weights, gradients and optimizer state: the fixed bytes of a step, on the GPU and on the host.
+
+- forward-backward (the benchmarks): bf16 weights and bf16 gradients of every parameter on the GPU.
+- full (`longseq train`): FSDP2 over all sp × dp ranks with fp32 master weights, fp32 gradients and AdamW's two
+  fp32 moments on each rank's shard (16 bytes per parameter, on the host with FSDP2 CPU offload), plus the bf16
+  copies FSDP2 all-gathers: the root's (embedding, lm_head, final norm; not resharded between forward and
+  backward), the current and the prefetched decoder layer, and one layer's gradient in bf16 and in fp32 for the
+  reduce-scatter; the root's gradient stays unsharded until the end of backward.
+- lora: frozen bf16 weights (sharded by FSDP2 over several ranks, as above without gradients) and rank-r adapters
+  on every projection with fp32 weights, gradients and AdamW moments.
+"""
+
+from __future__ import annotations
+
+from longseq.plan.choice import Choice
+from longseq.plan.terms import Term
+from longseq.plan.problem import Problem
+
+FP32_STATE = 16  # bytes per parameter: fp32 master weight, fp32 gradient, AdamW's two fp32 moments
+
+
+def lora_params(problem: Problem) -> int:
+    """Adapter parameters: rank × (in + out) per projection (q, k, v, o, gate, up, down) and layer."""
+    s, r = problem.shape, problem.workload.lora_rank
+    h, a, kv, i = s.hidden, s.attention_width, s.kv_width, s.intermediate
+    per_layer = (h + a) * 2 + (h + kv) * 2 + (h + i) * 3
+    return r * per_layer * s.layers
+
+
+def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[Term]]:
+    """(GPU terms, host terms) of one rank's weights, gradients and optimizer state."""
+    s, e, ranks = problem.shape, problem.dtype_bytes, problem.layout.gpus
+    g = "weights, gradients, optimizer"
+    mode = problem.workload.training
+    if mode == "forward-backward":
+        return [Term("weights (bf16)", g, fixed=s.params * e), Term("gradients (bf16)", g, fixed=s.params * e)], []
+    gathered = [Term("unsharded layer weights (bf16, current and prefetched)", g, fixed=2 * s.layer_params * e),
+                Term("unsharded root weights (bf16)", g, fixed=s.root_params * e)]
+    if mode == "lora":
+        adapters = [Term("LoRA adapters with gradients and AdamW (fp32)", g, fixed=lora_params(problem) * FP32_STATE)]
+        if ranks == 1:
+            return [Term("weights (bf16, frozen)", g, fixed=s.params * e)] + adapters, []
+        return [Term("weight shard (bf16, frozen)", g, fixed=s.params * e / ranks)] + gathered + adapters, []
+    shard = Term("FSDP2 shard: fp32 weights, gradients, AdamW moments", g, fixed=s.params * FP32_STATE / ranks)
+    gathered += [Term("unsharded layer gradient (bf16, and fp32 for the reduce-scatter)", g,
+                      fixed=s.layer_params * (e + 4)),
+                 Term("unsharded lm_head/embedding gradient (bf16)", g, fixed=s.vocab * s.hidden * e)]
+    if choice.fsdp_cpu_offload:
+        host = Term("FSDP2 CPU-offloaded weights, gradients, AdamW moments (fp32)", "FSDP2 CPU offload",
+                    fixed=shard.fixed)
+        return gathered, [host]
+    return [shard] + gathered, []

@@ -1,0 +1,37 @@
+"""bench/calibrate.py and bench/bench_plan.py end to end on CPU at tiny sizes (what the GPU runs do, smaller).
+
+    PYTHONPATH=src python -m pytest -q tests/test_plan_bench.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from bench import bench_plan, calibrate
+from longseq.plan.card import load_card
+
+
+def test_calibrate_writes_a_card_that_loads(tmp_path, capsys):
+    path = tmp_path / "cpu.json"
+    calibrate.main(["--device", "cpu", "--out", str(path)])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    card, stored = load_card(str(path)), load_card("cpu")
+    assert record["card_file"] == str(path) and card.attention_tflops(16)[0] > 0 and card.gemm_tflops > 0
+    assert card.sources["gemm_tflops"].startswith("measured: bench/calibrate.py")
+    # The memory facts the tests' card states are what the CPU kernels do.
+    for fact in ("attention_output_layout", "attention_lse_dense", "sdpa_gqa_expands_kv_grads", "pinned_host_memory"):
+        assert getattr(card, fact) == getattr(stored, fact), fact
+
+
+def test_bench_plan_runs_in_fresh_processes(monkeypatch, capsys):
+    # The record is printed, not appended to bench/results/.
+    monkeypatch.setattr("bench.common.write_record", lambda name, record: print(json.dumps(record)))
+    bench_plan.main(["--device", "cpu", "--configs", "nocache-128k"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {row["config"]: row for row in record["rows"]}
+    assert set(rows) == {"nocache-128k"}
+    for row in rows.values():
+        assert row["plan_fits"] and not row["measured"]["oom"]
+        assert abs(row["predicted"]["gpu_gib"] / row["measured"]["gpu_gib"] - 1) < 0.02
+        assert row["predicted"]["host_gib"] == row["measured"]["host_gib"]
+    assert abs(record["summary"]["gpu_gib_worst_error"]) < 0.02
