@@ -72,8 +72,17 @@ def test_ring_sliding_windows(sp, ring):
     run_distributed(_sliding_windows, sp, sp, ring)
 
 
-def _ring_errors():
+def _ring_extras():
     mesh = longseq.init_mesh(sp=2, ring=2)
+    # Per-token loss weights move with their tokens to Note [Document placement]: the loss equals one process's.
+    data = batch(**CASES[1])
+    data["shift_loss_weights"] = torch.rand(data["input_ids"].shape, generator=torch.Generator().manual_seed(2))
+    single = longseq.apply(tiny_model("llama"), longseq.Mesh())
+    want = longseq.causal_lm_loss(single, longseq.shard_batch(data, longseq.Mesh()))
+    model = longseq.apply(tiny_model("llama"), mesh)
+    got = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    assert longseq_state(model).documents.layouts is not None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # Ranks holding different numbers of tokens: the document placement raises on every rank, none hangs.
     length = 8 + 2 * mesh.rank
     local = {"input_ids": torch.zeros(1, length, dtype=torch.long), "shift_labels": torch.zeros(1, length).long(),
@@ -82,8 +91,8 @@ def _ring_errors():
         longseq.causal_lm_loss(longseq.apply(tiny_model("llama"), mesh), local, mesh)
 
 
-def test_ring_errors():
-    run_distributed(_ring_errors, 2)
+def test_ring_loss_weights_and_errors():
+    run_distributed(_ring_extras, 2)
 
 
 def test_ring_layout_errors():

@@ -99,7 +99,7 @@ def test_ring(ring_size):
 def test_window_skips_blocks_out_of_reach():
     """A window shorter than a chunk leaves only the diagonal squares and the corners next to them: no far block."""
     for rank in range(4):
-        (run,) = ring_module._plan(None, 1, 64, 4, rank, window=8)
+        (run,) = ring_module._plan(None, None, 1, 64, 4, rank, window=8)
         for calls in run.steps:
             for call in calls:
                 assert call.band is not None  # every block is cut: 32-token chunks, 8-token window
