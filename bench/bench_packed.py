@@ -31,15 +31,14 @@ import torch.distributed as dist
 import transformers
 
 import longseq
-from bench.common import SHAPES, attention_flops, machine, model_flops, peak_gib, reset_peak, timed, write_record
+from bench.common import (SHAPES, attention_flops, build_config, machine, model_flops, peak_gib, reset_peak, timed,
+                          write_record)
 from longseq.models import apply as apply_module
 from longseq.parallel import ring as ring_module
 from longseq.parallel import varlen
 from longseq.parallel.balance import attention_work, document_layout, zigzag_layout
 from longseq.parallel.ring import ring_attention
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=512, max_position_embeddings=1 << 20)  # CPU runs of this script (tests/test_bench_packed.py)
 BUCKETS = (2048, 8192, 32768)  # length buckets of the distribution: < 2K, 2K–8K, 8K–32K, ≥ 32K
 
 
@@ -106,18 +105,17 @@ def measure(model, mesh, data: dict, flops: float, repeats: int, compiled=None) 
 
     reset_peak()
     loss = float(step())
-    seconds = timed(step, repeats)
-    return dict(loss=loss, step_s=seconds, peak_gib=peak_gib(), tflops_per_gpu=flops / seconds / mesh.world_size / 1e12)
+    timing = timed(step, repeats)
+    return dict(loss=loss, **timing.fields("step"), peak_gib=peak_gib(),
+                tflops_per_gpu=flops / timing.median / mesh.world_size / 1e12)
 
 
 def build(shape: str, layers: int | None, device):
-    settings = dict(SHAPES[shape] if shape in SHAPES else TINY)
-    if layers is not None:
-        settings["num_hidden_layers"] = layers
+    """common.build_model's model, in fp32 on CPU (bf16 on CUDA)."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**settings), dtype=dtype,
+        model = transformers.AutoModelForCausalLM.from_config(build_config(shape, layers), dtype=dtype,
                                                               attn_implementation="sdpa")
     return model.train()
 
@@ -156,7 +154,7 @@ def placement_balance(mix: list[list[int]], ring: int) -> dict:
 
 def attention_only(args, mix, device) -> dict:
     """One layer's attention, forward + backward, on the first packed row, per DENSE_MIN_BLOCK; and one document."""
-    settings = SHAPES[args.shape] if args.shape in SHAPES else TINY
+    settings = SHAPES[args.shape]
     heads, kv_heads = settings["num_attention_heads"], settings["num_key_value_heads"]
     dim = settings["hidden_size"] // heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -174,16 +172,16 @@ def attention_only(args, mix, device) -> dict:
             ring_attention(None, q, k, v, scale=dim**-0.5, boundaries=boundaries).sum().backward()
 
         step()
-        seconds = timed(step, args.repeats)
+        timing = timed(step, args.repeats)
         flops = 3.5 * sum(4 * n * n * heads * dim / 2 for n in documents)
         ran_varlen = device.type == "cuda" and threshold != 0 and not varlen._varlen_refused
-        results[name] = dict(step_s=seconds, tflops=flops / seconds / 1e12, varlen_kernel=ran_varlen)
+        results[name] = dict(**timing.fields("step"), tflops=flops / timing.median / 1e12, varlen_kernel=ran_varlen)
     return results
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama-8b", help=f"one of {sorted(SHAPES)} or 'tiny'")
+    parser.add_argument("--shape", default="llama-8b", help=f"one of {sorted(SHAPES)}")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--length", type=int, default=131072, help="tokens per row")
     parser.add_argument("--rows", type=int, default=1, help="rows per step (the batch)")

@@ -152,7 +152,11 @@ def _place_documents(state: LongseqState, kwargs: dict, per_token: dict) -> tupl
     if others - {"input_ids", "position_ids", "attention_mask"}:
         return kwargs, per_token
     names = ["position_ids", "input_ids", *per_token]
-    placed = torch.ops.longseq.place_documents([position_ids, input_ids, *per_token.values()], state.attention)
+    tokens = [position_ids, input_ids, *per_token.values()]
+    if torch.compiler.is_compiling():
+        placed = torch.ops.longseq.place_documents(tokens, state.attention)
+    else:
+        placed = _place(tokens, state)
     placed = dict(zip(names, placed))
     return {**kwargs, "input_ids": placed.pop("input_ids"), "position_ids": placed.pop("position_ids")}, placed
 
@@ -162,9 +166,11 @@ def _place_documents_op(tokens: list[torch.Tensor], name: str) -> list[torch.Ten
     """(B, s) tensors, position_ids first, moved to Note [Document placement]: one operator, so that compiled code
     sees no data-dependent Python (Note [Attention as one operator]). Records the placed documents for the attention
     of the model whose attention function is `name`."""
-    state = state_of(name)
+    return [t.clone() for t in _place(tokens, state_of(name))]  # an operator's outputs may alias nothing
+
+
+def _place(tokens: list[torch.Tensor], state: LongseqState) -> list[torch.Tensor]:
     placed, boundaries, layouts = place_documents(tokens, state.mesh)
-    placed = [t.clone() for t in placed]  # an operator's outputs may alias nothing
     state.documents.place(placed[0], boundaries, layouts)
     return placed
 

@@ -83,48 +83,53 @@ def _check_installed(implementation: str) -> None:
 
 
 class Documents:
-    """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer."""
+    """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer; and those
+    of the batch the loss path placed (Note [Document placement]), kept apart so that another forward in between
+    (e.g. logits) does not take them from that batch's backward."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
-        self._key = None
-        self._boundaries = None
+        self._gathered = None  # (position_ids, version, boundaries)
+        self._placed = None  # (position_ids, version, boundaries, layouts)
         self._block_masks = {}
-        self.layouts = None
-        """Per row, the ring layout of the current position_ids (Note [Document placement]); None: zigzag."""
 
     def place(self, position_ids: torch.Tensor, boundaries: list[list[int]], layouts) -> None:
-        """Record the documents and layouts of position_ids that data.shard.place_documents has placed: the layers
-        of this forward pass (and their recompute in backward) read them instead of gathering."""
-        self._key = (position_ids, position_ids._version)
-        self._boundaries, self.layouts, self._block_masks = boundaries, layouts, {}
+        """Record the documents and per-row ring layouts (None: zigzag) of position_ids that
+        data.shard.place_documents has placed: the layers of the forward pass (and their recompute in backward) read
+        them instead of gathering."""
+        self._placed = (position_ids, position_ids._version, boundaries, layouts)
+
+    def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
+        return self.lookup(position_ids)[0]
 
     @torch.compiler.disable  # host-side: Note [Attention as one operator]
-    def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
+    def lookup(self, position_ids: torch.Tensor | None) -> tuple[list[list[int]], list | None]:
+        """The boundaries of the rows these position_ids belong to, and their ring layouts (None: zigzag)."""
         if position_ids is None:
             raise ValueError(_NO_POSITIONS)
-        if not self._holds(position_ids):
-            self._boundaries = document_boundaries(self._gather(position_ids))
-            self._key = (position_ids, position_ids._version)
+        if self._is_placed(position_ids):
+            return self._placed[2], self._placed[3]
+        held = self._gathered
+        if held is None or held[0] is not position_ids or held[1] != position_ids._version:
+            self._gathered = (position_ids, position_ids._version, document_boundaries(self._gather(position_ids)))
             self._block_masks = {}
-            self.layouts = None
-        return self._boundaries
+        return self._gathered[2], None
 
-    def _holds(self, position_ids: torch.Tensor) -> bool:
-        """Whether these are the position_ids of the documents held: the same tensor, or (placed documents, which
-        gathering could not recover) equal values, as when compiled code passes another tensor object."""
-        if self._key is None:
+    def _is_placed(self, position_ids: torch.Tensor) -> bool:
+        """The placed tensor itself, or (documents that moved, which gathering could not recover) one of equal
+        values, as when compiled code passes another tensor object."""
+        if self._placed is None:
             return False
-        held, version = self._key
+        held, version, _, layouts = self._placed
         if held is position_ids:
             return version == position_ids._version
-        return (self.layouts is not None and held.shape == position_ids.shape
-                and bool(torch.equal(held, position_ids)))
+        return layouts is not None and held.shape == position_ids.shape and bool(torch.equal(held, position_ids))
 
     def block_mask(self, window: int | None, length: int, device):
-        """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward."""
+        """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward
+        (the path without a ring, so of gathered documents)."""
         if window not in self._block_masks:
-            self._block_masks[window] = document_block_mask(self._boundaries, window, length, device)
+            self._block_masks[window] = document_block_mask(self._gathered[2], window, length, device)
         return self._block_masks[window]
 
     def _gather(self, position_ids: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,12 @@ What longseq's block-kernel attention does between the Ulysses exchanges depends
 are read on the host from the gathered position_ids, the ring plan is Python over them, the ring exchanges are
 point-to-point calls, and the attention cache (Note [Attention output cache]) decides on the host whether to compute
 at all. Traced by torch.compile, each of these breaks the graph, and the plan's lists would become guards, so every
-new packing of documents would recompile. So that part is one custom operator, `longseq::block_attention`
-(q, k, v, position_ids, sinks → out, lse), with its backward another, `longseq::block_attention_backward`; inside, they run
-eagerly what ring_attention runs, in eager runs and compiled ones alike. The compiler sees shapes only; the Ulysses
-exchanges around the operator (all-to-all autograd Functions) trace as functional collectives, and with a ring the
-batch moves to Note [Document placement] through a third operator (`longseq::place_documents`, models/apply.py).
+new packing of documents would recompile. So under torch.compile that part is one custom operator,
+`longseq::block_attention` (q, k, v, position_ids, sinks → out, lse), with its backward another,
+`longseq::block_attention_backward`; inside, they run eagerly what ring_attention runs. The compiler sees shapes
+only; the Ulysses exchanges around the operator (all-to-all autograd Functions) trace as functional collectives, and
+with a ring the batch moves to Note [Document placement] through a third operator (`longseq::place_documents`,
+models/apply.py). Eager runs call the same functions directly (torch.compiler.is_compiling() tells the two apart).
 
 The operators find the model's documents, mesh and attention cache through the name of its registered attention
 function (a constant of the graph). Their outputs have fixed layouts, as compiled code expects: out (B, S, H, D) and
@@ -30,7 +31,7 @@ import torch
 
 from longseq.parallel.documents import is_single_document
 from longseq.parallel.merge import accumulation_dtype
-from longseq.parallel.ring import ring_attention_backward, ring_attention_forward, ring_plan
+from longseq.parallel.ring import ring_attention, ring_attention_backward, ring_attention_forward, ring_plan
 from longseq.parallel.sinks import sink_gradient
 from longseq.state import LongseqState
 
@@ -53,15 +54,22 @@ def block_attention(q, k, v, position_ids, *, name: str, scale: float, kernel: s
                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """longseq's block kernels over the model's ring (R = 1: none) for head-split q, k, v (B, H, S, D), with a
     sliding window and (H,) sink logits (ring.ring_attention's), → out (B, S, H, D); differentiable w.r.t. q, k, v
-    and the sinks."""
-    out, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, sinks, name, scale, kernel, window)
-    return out
+    and the sinks. Eager runs call ring_attention itself (the same code the operators run, with no operator in
+    between: tools that watch ATen ops, such as bench/live_bytes.py, see every buffer)."""
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, sinks, name, scale, kernel, window)
+        return out
+    state = state_of(name)
+    boundaries, layouts = state.documents.lookup(position_ids)
+    out = ring_attention(state.documents.mesh.ring_group, q, k, v, scale=scale, kernel=kernel, layouts=layouts,
+                         boundaries=None if is_single_document(boundaries) else boundaries,
+                         cache=state.attention_cache, window=window, sinks=sinks)
+    return out.transpose(1, 2)
 
 
 def _plan(state: LongseqState, q, k, v, position_ids, kernel: str, window: int | None, sinks):
-    documents = state.documents
-    boundaries = documents(position_ids)
-    return ring_plan(documents.mesh.ring_group, q, k, v, kernel=kernel, layouts=documents.layouts, window=window,
+    boundaries, layouts = state.documents.lookup(position_ids)
+    return ring_plan(state.documents.mesh.ring_group, q, k, v, kernel=kernel, layouts=layouts, window=window,
                      sinks=sinks, boundaries=None if is_single_document(boundaries) else boundaries)
 
 
