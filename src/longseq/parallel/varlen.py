@@ -178,10 +178,17 @@ def _device_offsets(q_lengths: tuple[int, ...], k_lengths: tuple[int, ...], devi
     return offsets[:, 0].contiguous(), offsets[:, 1].contiguous()
 
 
+def _tokens(x: torch.Tensor, positions: slice) -> torch.Tensor:
+    """(H, L, D) of one row → (tokens, H, D) over `positions`, a view where the head dimension is dense (the kernel
+    takes any token and head strides)."""
+    view = x[:, positions].transpose(0, 1)
+    return view if view.stride(-1) == 1 else view.contiguous()
+
+
 def _varlen_forward(q, k, v, group: Group, scale: float):
     """q (Hq, Lq, D), k/v (Hkv, Lk, D) of one row → out (Lq_group, Hq, D), lse (Hq, Lq_group) in fp32."""
     cu_q, cu_k, max_q, max_k = _cumulative(group, q.device)
-    tq, tk, tv = q[:, group.q].transpose(0, 1), k[:, group.k].transpose(0, 1), v[:, group.k].transpose(0, 1)
+    tq, tk, tv = _tokens(q, group.q), _tokens(k, group.k), _tokens(v, group.k)
     out, lse, *_ = aten._flash_attention_forward(tq, tk, tv, cu_q, cu_k, max_q, max_k, 0.0, group.causal, False,
                                                  scale=scale)
     if lse.shape != (q.shape[0], tq.shape[0]):
@@ -192,8 +199,8 @@ def _varlen_forward(q, k, v, group: Group, scale: float):
 def _varlen_backward(dout, q, k, v, out, lse, group: Group, scale: float):
     """Gradients of one row's group: dq (Lq_group, Hq, D), dk/dv (Lk_group, Hkv, D), in q's dtype."""
     cu_q, cu_k, max_q, max_k = _cumulative(group, q.device)
-    tq, tk, tv = q[:, group.q].transpose(0, 1), k[:, group.k].transpose(0, 1), v[:, group.k].transpose(0, 1)
-    t_dout, t_out = dout[:, group.q].transpose(0, 1), out[:, group.q].transpose(0, 1)
+    tq, tk, tv = _tokens(q, group.q), _tokens(k, group.k), _tokens(v, group.k)
+    t_dout, t_out = _tokens(dout, group.q), _tokens(out, group.q)
     rng = torch.zeros(1, dtype=torch.int64, device=q.device)  # dropout seed and offset: unread without dropout
     return aten._flash_attention_backward(t_dout, tq, tk, tv, t_out, lse[:, group.q].contiguous(), cu_q, cu_k, max_q,
                                           max_k, 0.0, group.causal, rng, rng, scale=scale)
