@@ -34,8 +34,7 @@ import longseq
 from bench.common import (SHAPES, attention_flops, build_config, machine, model_flops, peak_gib, reset_peak, timed,
                           write_record)
 from longseq.models import apply as apply_module
-from longseq.parallel import ring as ring_module
-from longseq.parallel import varlen
+from longseq.parallel import ring_plan, varlen
 from longseq.parallel.balance import attention_work, document_layout, zigzag_layout
 from longseq.parallel.ring import ring_attention
 
@@ -166,7 +165,7 @@ def attention_only(args, mix, device) -> dict:
             (f"packed_dense_min_{t}", row, t) for t in args.dense_min]:
         boundaries = [[0, *torch.tensor(documents).cumsum(0).tolist()]]
         varlen.DENSE_MIN_BLOCK = threshold * threshold if threshold >= 0 else math.inf
-        ring_module._cached_plan.cache_clear()
+        ring_plan._cached_plan.cache_clear()
 
         def step():
             ring_attention(None, q, k, v, scale=dim**-0.5, boundaries=boundaries).sum().backward()

@@ -1,12 +1,12 @@
 """The plan's predicted GPU peak, host peak and step time against measured ones, configuration by configuration.
 
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 79                        # one H200: every configuration
-    python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs longest      # the longest length, and 1.15× it
+    python -m bench.bench_plan --layers 8 --gpu-mem-gib 40 --configs longest      # the longest length, and 1.15× it
     python -m bench.bench_plan --device cpu                                       # CPU smoke run (tiny model)
 
-Each configuration runs in a fresh process (a clean allocator, pinned-host cache and peak RSS): the plan's own
+Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
 choice at two lengths, longseq's defaults, the cache off, checkpoints kept on the GPU, untiled MLP and norms, a
-length whose offloaded blocks are not powers of two (the pinned-memory rounding), and the plan's longest length
+length whose offloaded blocks are not powers of two (in the host arena's chunks), and the plan's longest length
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
@@ -41,7 +41,7 @@ CONFIGS = {
     "nocache-128k": (131072, 4096, {"cache_attention": False}),
     "gpu-checkpoints-64k": (65536, 2048, {"checkpoint_gpu_layers": 2, "attention_host_layers": _ALL_HOST}),
     "untiled-64k": (65536, 2048, {"tiled_mlp": False, "tiled_norms": False, "attention_host_layers": _ALL_HOST}),
-    "pinned-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
+    "arena-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
     "longest": (None, None, "longest"),
 }
 
@@ -108,7 +108,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
             with LiveBytes() as live:
                 step()
             resident = sum(2 * p.numel() * p.element_size() for p in model.parameters())
-            result.update(gpu_gib=(live.device_peak + resident) / _GIB, host_gib=live.host_peak / _GIB)
+            result.update(gpu_gib=(live.peak + resident) / _GIB)
         else:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -122,8 +122,10 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
         result["oom"] = True
     stats = offload_stats(model) if memory.offload_checkpoints else None
     if stats is not None:
-        result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, attention_not_kept=stats.attention_not_kept,
-                      checkpoints_on_device=stats.checkpoints_on_device)
+        result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, arena_peak_gib=stats.arena_peak_bytes / _GIB,
+                      attention_not_kept=stats.attention_not_kept, checkpoints_on_device=stats.checkpoints_on_device)
+    if device == "cpu":  # the host: what the offloader's arena took (the process itself is not modelled there)
+        result["host_gib"] = result.get("arena_peak_gib", 0.0)
     return result
 
 
@@ -158,8 +160,8 @@ def run_one(args, name: str, length: int, how) -> dict:
     if args.device == "cuda":
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, args.gpu_mem_gib * _GIB / torch.cuda.get_device_properties(0).total_memory))
+        cap = problem.machine.gpu_memory_gib * _GIB / torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap))
     record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps)
     return record
 

@@ -6,10 +6,10 @@
 What it measures, each on the card at hand (figures it cannot measure here keep the stored value and source):
 attention forward and backward TFLOP/s of longseq's block kernels (head_dim 128 and 64 on a GPU); the effective
 GEMM speed of one decoder layer's forward and backward less its attention; pinned host↔device copies on a side
-stream; device memory bandwidth; fused AdamW on the host; the output/lse layouts and workspace of the attention
-backward; whether the model's own SDPA builds per-query-head dk/dv under GQA; and the extra time per token of the
-tiled MLP, recomputed norms and tiled loss (a two-layer model, each feature switched on alone). Prints a table and
-ends with one JSON line.
+stream; device memory bandwidth; fused AdamW on the host; whether the lse comes out dense, and the attention
+backward's workspace; whether the model's own SDPA builds per-query-head dk/dv under GQA; and the extra time per
+token of the tiled MLP, recomputed norms, norms fused into their readers and the tiled loss (a two-layer model, each
+feature switched on alone). Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -56,15 +56,14 @@ def attention_speeds(device, dtype, size) -> tuple[dict, dict]:
 
 
 def attention_memory(device, dtype, size) -> dict:
-    """The block kernels' output and lse layouts, and (on a GPU) the backward's own bytes per query element."""
+    """Whether the block kernels' lse comes out dense, and (on a GPU) the backward's own bytes per query element."""
     from longseq.parallel.kernels import block_backward, block_forward
 
     heads, d, s = size["heads"], size["dims"][0], size["tokens"]
     q = torch.randn(1, s, heads, d, device=device, dtype=dtype).transpose(1, 2)  # the projections' layout
     k = torch.randn(1, size["kv"], s, d, device=device, dtype=dtype)
     out, lse = block_forward(q, k, k, causal=True, scale=1.0)
-    facts = {"attention_output_layout": "like_q" if out.stride() == q.stride() else "bshd",
-             "attention_lse_dense": lse.is_contiguous()}
+    facts = {"attention_lse_dense": lse.is_contiguous()}
     if device.type == "cuda":
         args = [t.contiguous() for t in (torch.randn_like(out), q, k, k, out, lse)]
         torch.cuda.synchronize()
@@ -156,18 +155,26 @@ def feature_costs(size, device, dtype, attention_forward, attention_backward) ->
     from longseq import MemoryConfig
 
     layers, s = 2, size["tokens"]
-    plain = dict(tiled_mlp=False, tiled_norms=False, tiled_loss=False, offload_checkpoints=True,
+    plain = dict(tiled_mlp=False, tiled_norms=False, fuse_norms=False, tiled_loss=False, offload_checkpoints=True,
                  cache_attention=False, keep_last_layers_on_gpu=layers, tile_memory_mib=256)
     base = step_seconds(size, device, dtype, MemoryConfig(**plain), layers)
-    out = {}
-    for feature, per_layer in (("tiled_mlp", True), ("tiled_norms", True), ("tiled_loss", False)):
-        seconds = step_seconds(size, device, dtype, MemoryConfig(**{**plain, feature: True}), layers)
-        out[f"{feature}_ns"] = max(0.0, seconds - base) / (s * (layers if per_layer else 1)) * 1e9
     h, a, kv, i = size["hidden"], size["heads"] * size["dims"][0], size["kv"] * size["dims"][0], size["inter"]
+    out, seconds = {}, {}
+    for name, features, per_layer in (("tiled_mlp", dict(tiled_mlp=True), True),
+                                      ("tiled_norms", dict(tiled_norms=True), True),
+                                      ("fused_norms", dict(tiled_norms=True, fuse_norms=True), True),
+                                      ("tiled_loss", dict(tiled_loss=True), False)):
+        seconds[name] = step_seconds(size, device, dtype, MemoryConfig(**{**plain, **features}), layers)
+        if name != "fused_norms":  # measured against recomputed norms, below
+            out[f"{name}_ns"] = max(0.0, seconds[name] - base) / (s * (layers if per_layer else 1)) * 1e9
+    # Fused norms beyond recomputed ones, less their projections' second forward (timed by the GEMM speed below).
+    projections = 2.0 * s * (2 * h * a + 2 * h * kv) * layers
     attention = 2.0 * s * s * a
     attention_s = layers * (2 * attention / attention_forward + 2.5 * attention / attention_backward) / 1e12
     dense = 8.0 * s * (2 * h * a + 2 * h * kv + 3 * h * i) * layers + 6.0 * s * h * size["vocab"]
     out["gemm_tflops"] = dense / max(base - attention_s, 1e-9) / 1e12
+    again = projections / (out["gemm_tflops"] * 1e12)
+    out["fused_norms_ns"] = max(0.0, seconds["fused_norms"] - seconds["tiled_norms"] - again) / (s * layers) * 1e9
     return out
 
 
@@ -177,7 +184,7 @@ def calibrate(device: torch.device) -> dict:
     size = SIZES[device.type]
     forward, backward = attention_speeds(device, dtype, size)
     values = {"attention_forward_tflops": forward, "attention_backward_tflops": backward,
-              "host_adamw_gparams_s": host_adamw(device), "pinned_host_memory": device.type == "cuda",
+              "host_adamw_gparams_s": host_adamw(device),
               "sdpa_gqa_expands_kv_grads": sdpa_gqa_expands(device, dtype, size)}
     values.update(attention_memory(device, dtype, size), **copy_speeds(device, dtype))
     d = str(size["dims"][0])

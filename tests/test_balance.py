@@ -12,6 +12,7 @@ import random
 import pytest
 
 from longseq.parallel import ring as ring_module
+from longseq.parallel import ring_plan
 from longseq.parallel.balance import attention_work, document_layout, layout_order, zigzag_layout
 from longseq.parallel.varlen import Group
 
@@ -88,7 +89,7 @@ def test_every_ring_step_is_balanced_and_a_few_kernel_calls(ring):
     local = bounds[-1] // ring
     per_rank = []
     for rank in range(ring):
-        (run,) = ring_module._plan([bounds], [layout], 1, local, ring, rank)
+        (run,) = ring_plan._plan([bounds], [layout], 1, local, ring, rank)
         assert all(len(items) <= 3 for items in run.steps), [len(items) for items in run.steps]
         per_rank.append([_step_work(items) for items in run.steps])
     assert all(steps == per_rank[0] for steps in per_rank)

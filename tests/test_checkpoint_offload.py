@@ -88,7 +88,7 @@ def test_small_shared_and_parameter_tensors_stay_on_device():
     grads = torch.autograd.grad((first + again + fresh + kept).sum(), [shared, parameter])
     torch.testing.assert_close(grads[0], shared.cos() - shared.sin() + 2 * (2 * shared).cos())
     torch.testing.assert_close(grads[1], parameter.cos())
-    assert not offloader._should_offload(torch.arange(1000))  # integer tensors (indices) stay
+    assert not offloader.should_offload(torch.arange(1000))  # integer tensors (indices) stay
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")

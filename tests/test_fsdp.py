@@ -17,14 +17,15 @@ from tests.models import batch, tiny_model
 TOL = dict(atol=3e-5, rtol=1e-4)
 
 
-def _fsdp(ring: int, memory: bool):
+def _fsdp(ring: int, memory: bool, layers_per_checkpoint: int = 1):
     mesh = longseq.init_mesh(sp=2, ring=ring)
-    model = tiny_model("llama", tie_word_embeddings=True)
+    model = tiny_model("llama", tie_word_embeddings=True, num_hidden_layers=3)
     reference = copy.deepcopy(model)
     data = batch(130, rows=2, documents=[1, 50, 33, 46])
     ref_loss = reference(**data, use_cache=False).loss
     ref_loss.backward()
-    config = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0) if memory else None
+    config = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0, layers_per_checkpoint=layers_per_checkpoint,
+                                  attention_heads_per_call=1) if memory else None
     longseq.apply(model, mesh, config)
     apply_fsdp(model, torch.device("cpu"), param_dtype=torch.float32, cpu_offload=False)
     # What CPU offload would reserve on the host: gradient + two AdamW moments of this rank's shard (fp32).
@@ -39,9 +40,10 @@ def _fsdp(ring: int, memory: bool):
         torch.testing.assert_close(p.grad.full_tensor(), expected[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("ring,memory", [(1, True), (2, True), (1, False)])
-def test_fsdp2_matches_unsharded(ring, memory):
-    run_distributed(_fsdp, 2, ring, memory)
+@pytest.mark.parametrize("ring,memory,layers_per_checkpoint", [(1, True, 1), (2, True, 1), (1, False, 1), (1, True, 2)])
+def test_fsdp2_matches_unsharded(ring, memory, layers_per_checkpoint):
+    """layers_per_checkpoint=2: the segment rebuild runs layer 0 while FSDP2 holds it sharded (layer 1 in backward)."""
+    run_distributed(_fsdp, 2, ring, memory, layers_per_checkpoint)
 
 
 def _fsdp_experts():

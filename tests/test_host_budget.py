@@ -11,6 +11,7 @@ import pytest
 
 import longseq
 from longseq.memory import MemoryConfig, host_budget, offload_stats, reserve_host_memory
+from longseq.memory.host_arena import PAGE_BYTES
 from tests.models import batch, tiny_model
 from tests.test_attention_cache import LAYERS, _step_counting_kernel_calls
 from tests.test_ulysses import compare
@@ -53,8 +54,10 @@ def test_host_budget_keeps_attention_outputs_it_has_room_for(monkeypatch):
     """A budget with room for every checkpoint and one (out, lse) pair keeps exactly one pair: the first layer's."""
     mesh, data = longseq.Mesh(), batch(96, rows=2, documents=[40, 56])
     per_layer = _checkpoint_bytes(data, mesh)
-    pair = per_layer + 2 * 96 * tiny_model().config.num_attention_heads * 4  # output (as the input) + fp32 lse
-    memory = MemoryConfig(host_memory_gib=(LAYERS * per_layer + pair) / 2**30, tile_tokens=32, offload_min_bytes=0,
+    lse = 2 * 96 * tiny_model().config.num_attention_heads * 4  # fp32 (B, heads, S)
+    pair = per_layer + lse  # the output has the input's size
+    paged = (LAYERS + 1) * _paged(per_layer) + _paged(lse)  # the host arena hands out whole pages
+    memory = MemoryConfig(host_memory_gib=paged / 2**30, tile_tokens=32, offload_min_bytes=0,
                           expandable_segments=False)
     model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
     forward, backward = _step_counting_kernel_calls(model, data, mesh, monkeypatch)
@@ -62,6 +65,11 @@ def test_host_budget_keeps_attention_outputs_it_has_room_for(monkeypatch):
     assert (stats.attention_not_kept, stats.checkpoints_on_device) == (LAYERS - 1, 0)
     assert backward == forward // LAYERS * (LAYERS - 1)
     assert stats.peak_bytes == LAYERS * per_layer + pair
+    assert stats.arena_peak_bytes <= stats.budget_bytes == paged
+
+
+def _paged(nbytes: int) -> int:
+    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
 
 
 def test_automatic_host_budget(monkeypatch):

@@ -24,7 +24,7 @@ def test_table(capsys):
                        "--training", "forward-backward")
     assert code == 0
     for line in ("1 × 131072 tokens", "GPU per rank, peak at", "weights, gradients, optimizer", "host per rank",
-                 "offloaded checkpoints", "(limit 75.05)", "step time:", "tokens/s", "configuration:",
+                 "host arena", "(limit 75.05)", "step time:", "tokens/s", "configuration:",
                  "longseq train: --memory.tiled_mlp=", "assumed, not measured, in the card:"):
         assert line in out, line
 

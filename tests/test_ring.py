@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longseq.parallel import kernels
-from longseq.parallel import ring as ring_module
+from longseq.parallel import ring_plan
 from longseq.parallel.balance import document_layout, layout_order, portion_positions
 from longseq.parallel.kernels import block_forward
 from longseq.parallel.documents import document_boundaries
@@ -228,7 +228,7 @@ def test_work_per_step_is_balanced_and_skips_masked_blocks():
     """One document: every rank computes 2·c² scores per step (a causal c×c square counts c²/2)."""
     ring_size, chunk = 4, LOCAL_LEN // 2
     for rank in range(ring_size):
-        (run,) = ring_module._plan(None, None, 2, LOCAL_LEN, ring_size, rank)
+        (run,) = ring_plan._plan(None, None, 2, LOCAL_LEN, ring_size, rank)
         assert run.rows == slice(0, 2)  # rows without documents are batched
         for items in run.steps:
             assert _area(_calls(items)) == 2 * chunk * chunk

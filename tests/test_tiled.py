@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from longseq.memory import MemoryConfig, apply_tiled_mlp, apply_tiled_norms, tiled
 from longseq.memory.tiled import TiledFunction, mlp_tile_tokens, norm_tile_tokens
+from longseq.models.anatomy import decoder_norms
 from tests.models import FAMILIES, assert_grads_equal, tiny_model
 
 
@@ -89,7 +90,8 @@ def test_apply_tiled_mlp_exact(family, length):
 def test_apply_tiled_norms_exact(family):
     reference = tiny_model(family)
     model = apply_tiled_norms(copy.deepcopy(reference), MemoryConfig(tile_tokens=48))
-    wrapped = [m for m in model.modules() if hasattr(m, "_longseq_inner_forward")]
+    wrapped = decoder_norms(model)
+    assert all(hasattr(m, "_longseq_inner_forward") for m in wrapped)
     assert len(wrapped) >= 2 * len(model.get_decoder().layers) + 1  # per layer at least two, and the final norm
     calls = []
     for norm in wrapped:
@@ -102,6 +104,37 @@ def test_apply_tiled_norms_exact(family):
     want.backward()
     got.backward()
     assert_grads_equal(reference, model)
+
+
+def _saved_norm_outputs(model, ids) -> tuple[int, torch.Tensor]:
+    """How many tensors saved for backward are outputs of a decoder layer's norm, and the loss."""
+    outputs, saved = [], []  # the outputs stay referenced, so no other tensor can reuse their memory
+    for norm in decoder_norms(model)[:-1]:  # the final norm's output goes to the loss
+        norm.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        loss = model(ids, labels=ids).loss
+    return len({o.untyped_storage().data_ptr() for o in outputs} & set(saved)), loss
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_norms_fused_into_their_readers(family):
+    """With fuse_norms, no norm output is kept for backward (the q/k/v projections and the MLP recompute it from the
+    norm's input); without, some are. Loss and every gradient equal the plain model's either way, with LoRA too."""
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    reference = peft.get_peft_model(tiny_model(family), lora)
+    ids = torch.randint(0, 256, (2, 127), generator=torch.Generator().manual_seed(1))
+    want = reference(ids, labels=ids).loss
+    want.backward()
+    for fuse in (True, False):
+        config = MemoryConfig(tile_tokens=48, fuse_norms=fuse)
+        model = apply_tiled_norms(apply_tiled_mlp(copy.deepcopy(reference), config), config)
+        model.zero_grad()
+        kept, got = _saved_norm_outputs(model, ids)
+        assert (kept == 0) == fuse
+        torch.testing.assert_close(got, want)
+        got.backward()
+        assert_grads_equal(reference, model)
 
 
 def test_short_sequences_run_plain():

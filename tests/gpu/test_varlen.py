@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longseq.parallel import ring as ring_module
-from longseq.parallel import varlen
+from longseq.parallel import ring_plan, varlen
+from longseq.parallel.head_groups import ALL_HEADS, HeadGroups
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ring import ring_attention
 from longseq.parallel.varlen import Call, Group, item_backward, item_forward
@@ -37,22 +37,25 @@ def _bounds(documents) -> list[list[int]]:
     return [[0, *torch.tensor(row).cumsum(0).tolist()] for row in documents]
 
 
-def _attention_and_grads(q, k, v, dout, boundaries):
+def _attention_and_grads(q, k, v, dout, boundaries, groups=ALL_HEADS):
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(None, *inputs, scale=0.088, boundaries=boundaries)
+    out = ring_attention(None, *inputs, scale=0.088, boundaries=boundaries, groups=groups)
     out.backward(dout)
     return [out.float()] + [t.grad.float() for t in inputs]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_packed_rows_varlen_matches_per_segment_and_fp32(dtype, kv_heads, monkeypatch):
+@pytest.mark.parametrize("heads_per_call", [None, 1, 2])
+def test_packed_rows_varlen_matches_per_segment_and_fp32(dtype, kv_heads, heads_per_call, monkeypatch):
+    """With all heads in one call, and head groups (Note [Attention head groups]): one head per call splits a GQA
+    K/V head's calls."""
     q, k, v, dout = _inputs(dtype, kv_heads)
     boundaries = _bounds(DOCUMENTS)
-    (run_a, run_b) = ring_module._plan(boundaries, None, 2, 4096, 1, 0)
+    (run_a, run_b) = ring_plan._plan(boundaries, None, 2, 4096, 1, 0)
     assert any(isinstance(item, Group) for item in run_a.steps[0] + run_b.steps[0])
     varlen._varlen_refused.clear()
-    grouped = _attention_and_grads(q, k, v, dout, boundaries)
+    grouped = _attention_and_grads(q, k, v, dout, boundaries, HeadGroups(heads=heads_per_call))
     assert not varlen._varlen_refused, varlen._varlen_refused
     monkeypatch.setattr(varlen, "_varlen_refused", ["per segment, for the comparison"])
     per_segment = _attention_and_grads(q, k, v, dout, boundaries)

@@ -5,10 +5,15 @@
     tiled_moe.py           Note [Tiled experts]: expert blocks over sequence tiles, with their router statistics
     tiled_loss.py          Note [Tiled loss]: lm_head + cross-entropy over token tiles
     checkpoint_offload.py  Note [Checkpoint offload]: every decoder layer checkpointed, its input in host memory
+    checkpoint_segments.py Note [Checkpoint segments]: one offloaded input per k layers, the others rebuilt
     attention_cache.py     Note [Attention output cache]: attention outputs kept from forward for the recompute
     host_budget.py         Note [Host budget]: how much host memory the offloader may fill
-    host_copy.py           a tensor's host copy and its way back (used by the two above it)
+    host_arena.py          Note [Host arena]: the pinned pages every host copy lives in, never past the budget
+    host_copy.py           a tensor's host copy and its way back (used by the offload and the cache)
     allocator.py           Note [Expandable segments]
+
+The attention kernels' head groups (Note [Attention head groups], parallel/head_groups.py) are a memory feature too;
+they live beside the kernels they call.
 
 Order: apply_memory wraps the `forward` of each decoder layer and MLP instance, whatever it is at that moment (the
 class's, or one an earlier wrapper installed). Apply it after the attention is set up (sequence-parallel

@@ -7,10 +7,15 @@ about 1/4.5 of all attention work (forward 1, backward 2.5, recompute 1), and wi
 The attention's backward needs only its inputs (recomputed anyway), its output and log-sum-exp. So each checkpointed
 layer call gets a compute-or-replay function `cache(compute) -> (out, lse)`:
 
-    layer forward:    compute() → (out, lse); both are kept like the checkpoint itself (pinned host copies, the
-                      last k layers on the GPU), in a list that belongs to this one checkpoint call
+    layer forward:    compute() → (out, lse); both are kept like the checkpoint itself (host copies; those of the
+                      last MemoryConfig.keep_last_attention_on_gpu layers on the GPU), in a list that belongs to this
+                      one checkpoint call
     layer recompute:  (out, lse) are taken from that list instead of calling compute(); their host→GPU copy starts
-                      when the recompute begins, and the next (earlier) layer's when this one's begins
+                      when the recompute begins (with MemoryConfig.prefetch_after_attention=False also the next,
+                      earlier layer's then)
+    attention backward done: a hook on q's gradient calls the cache's backward_done() (ring_attention); with
+                      prefetch_after_attention, the checkpoint the next layer's recompute needs starts coming back then
+                      (not earlier: at the attention backward, the step's peak, it would add one layer input)
 
 How it reaches the attention, explicitly at each step:
 
@@ -42,13 +47,15 @@ from longseq.state import LongseqState
 class KeptAttention:
     """The attention (out, lse) pairs of one checkpointed layer call, kept from its forward for its recompute.
 
-    offloader: the model's CheckpointOffloader (min_bytes, first_kept, stats, stream_for, host_has_room,
-    checkpoint_bytes_after); earlier: a weak reference to the previous layer's KeptAttention of the same forward.
+    offloader: the model's CheckpointOffloader; record: the checkpoint this layer's input belongs to (its own, or its
+    segment's: Note [Checkpoint segments]); earlier: a weak reference to the previous layer's KeptAttention of the
+    same forward.
     """
 
-    def __init__(self, offloader, index: int, earlier):
+    def __init__(self, offloader, index: int, record, earlier):
         self.offloader, self.index, self.earlier = offloader, index, earlier
-        self.offload = index < offloader.first_kept
+        self.record = weakref.ref(record)  # the record keeps this object: a strong reference back would be a cycle
+        self.offload = index < offloader.first_attention_kept
         self.pairs: list[list | None] = []
         self.replayed = 0  # pairs taken by the recompute in progress (a retained graph may recompute again)
 
@@ -60,8 +67,7 @@ class KeptAttention:
             offloader.stats.attention_not_kept += 1
             self.pairs.append(None)  # the recompute computes this one
             return
-        self.pairs.append([HostCopy(t, offloader.stream_for(t), offloader.stats) if m else t
-                           for t, m in zip(tensors, move)])
+        self.pairs.append([offloader.host_copy(t) if m else t for t, m in zip(tensors, move)])
 
     def prefetch(self) -> None:
         for pair in filter(None, self.pairs):
@@ -79,20 +85,28 @@ class KeptAttention:
             return None
         return tuple(h.take(self.offloader.stats) if isinstance(h, HostCopy) else h for h in pair)
 
+    def backward_done(self) -> None:
+        """This layer's attention backward ran: the first layer of a checkpoint starts bringing back the one before
+        (MemoryConfig.prefetch_after_attention; Note [Checkpoint offload])."""
+        record = self.record()
+        if self.offloader.prefetch_after_attention and record is not None and self.index == record.start:
+            record.prefetch_earlier()
+
 
 class AttentionPhase:
     """A checkpointed layer call's forward or its recompute: as a context it publishes itself as the model's
     attention cache (LongseqState.attention_cache); called as `phase(compute)` it keeps or replays (out, lse).
-    Reusable, as a retained graph recomputes again."""
+    Reusable, as a retained graph recomputes again. look_back: entering a replay also prefetches the earlier layer's
+    pairs (MemoryConfig.prefetch_after_attention=False)."""
 
-    def __init__(self, state: LongseqState, kept: KeptAttention, replay: bool):
-        self.state, self.kept, self.replay, self.prior = state, kept, replay, None
+    def __init__(self, state: LongseqState, kept: KeptAttention, replay: bool, look_back: bool = False):
+        self.state, self.kept, self.replay, self.look_back, self.prior = state, kept, replay, look_back, None
 
     def __enter__(self):
         if self.replay:
             self.kept.replayed = 0
             self.kept.prefetch()
-            earlier = self.kept.earlier() if self.kept.earlier is not None else None
+            earlier = self.kept.earlier() if self.look_back and self.kept.earlier is not None else None
             if earlier is not None:
                 earlier.prefetch()
         self.prior = self.state.attention_cache
@@ -111,13 +125,21 @@ class AttentionPhase:
         self.kept.keep(result)
         return result
 
+    def backward_done(self) -> None:
+        """Called once backward is past this layer's attention (ring_attention hooks q's gradient). Backward runs the
+        nodes of the layer's forward, so it is the forward phase's hook that fires."""
+        self.kept.backward_done()
 
+
+@torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
 def attention_phases(state: LongseqState, index: int):
     """checkpoint's context_fn for layer `index` of the model whose state is `state`: the (forward, recompute)
     contexts that keep attention outputs and replay them (Note [Attention output cache])."""
     offloader = state.offloader
     if not offloader.cache_attention:
         return contextlib.nullcontext(), contextlib.nullcontext()
-    kept = KeptAttention(offloader, index, offloader.last_attention)
+    kept = KeptAttention(offloader, index, offloader.record_of(index), offloader.last_attention)
     offloader.last_attention = weakref.ref(kept)
-    return AttentionPhase(state, kept, replay=False), AttentionPhase(state, kept, replay=True)
+    offloader.record_of(index).kept[index] = kept
+    look_back = not offloader.prefetch_after_attention
+    return AttentionPhase(state, kept, replay=False), AttentionPhase(state, kept, replay=True, look_back=look_back)

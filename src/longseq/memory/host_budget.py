@@ -10,7 +10,9 @@ AdamW state, which appear only in backward and at the first optimizer step). A f
 MemAvailable each time: pinned blocks freed in backward stay cached by CUDA's host allocator and are reused by the
 next step, so the free memory the kernel reports says little about what the next step needs. Beyond the budget,
 attention outputs are not kept first, then checkpoints stay on the GPU (`OffloadStats.checkpoints_on_device`):
-checkpoints free GPU memory and the cache only saves time, and a GPU out of memory is a clear error.
+checkpoints free GPU memory and the cache only saves time, and a GPU out of memory is a clear error. The budget is
+the limit of the offloader's host arena (Note [Host arena]), which holds every host copy: what the process pins for
+offloading never exceeds it, whatever lengths it runs.
 """
 
 from __future__ import annotations
@@ -39,11 +41,6 @@ class HostBudget:
             self.fixed = True
             self.limit = int(self.gib * 2**30) if self.gib is not None else _automatic_budget(self.reserved)
         return self.limit
-
-    def has_room(self, held: int, nbytes: int) -> bool:
-        """Whether `nbytes` more fit beside the `held` bytes."""
-        limit = self.fix()
-        return limit is None or held + nbytes <= limit
 
 
 def _host_total() -> int | None:

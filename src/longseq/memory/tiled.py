@@ -16,6 +16,14 @@ that, so we never do. Parameter gradients sum over tiles in fp32 (at least) and 
 dtype once: summed in bf16 they would round once per tile (at 128 tiles, 3× the error of the untiled bf16 MLP's
 gradient). The accumulator costs 4 bytes per MLP parameter of the one layer in backward (0.7 GB for Llama-3-8B).
 
+Norms fused into their readers: a decoder layer's norm output (B × S × H) is kept for backward by whatever reads it
+(the q/k/v projections keep it for their weight gradients, the MLP for its recompute), 8 KiB per token each for the
+8B shape. With MemoryConfig.fuse_norms, a tiled norm remembers (weakly) its latest output and input; a reader that is
+handed that output runs fn = reader ∘ norm over tiles of the norm's INPUT instead, so only that input (the layer's
+residual stream, alive anyway) is kept, and backward recomputes the norm per tile with the reader. The norm's own
+node then feeds nothing and never runs in backward. Cost: one more norm forward per reader, and for the projections
+their forward once more in backward (the MLP recomputes its forward anyway).
+
 The backward recomputes fn without restoring the RNG state: a module with dropout would draw different masks in
 the recompute. HF decoder MLPs have no dropout (and LoRA's default lora_dropout is 0), so we do not pay for it.
 """
@@ -23,13 +31,15 @@ the recompute. HF decoder MLPs have no dropout (and LoRA's default lora_dropout 
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from longseq.memory.config import MIB, MemoryConfig
-from longseq.models.anatomy import decoder_expert_blocks, decoder_mlps, decoder_norms
+from longseq.models.anatomy import (attention_input_projections, decoder_expert_blocks, decoder_layers, decoder_mlps,
+                                    decoder_norms, layer_norms)
 
 
 def tile_ranges(length: int, tile: int) -> list[tuple[int, int]]:
@@ -145,19 +155,53 @@ def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tile = mlp_tile_tokens(self._longseq_tile_config, self._longseq_intermediate, batch, x.dtype)
     if x.shape[-2] <= tile:
         return plain(x)
+    fused = _through_norm(self, plain, x, tile)
+    if fused is not None:
+        return fused
     params = [p for p in self.parameters() if p.requires_grad]
     return tiled(plain, x, *params, tile_tokens=tile)
 
 
 def _tiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plain = self._longseq_inner_forward
-    tile = norm_tile_tokens(self._longseq_tile_config, x.shape[-1], x[..., 0, 0].numel())
+    if not torch.is_grad_enabled():
+        return plain(x)
+    config = self._longseq_tile_config
+    tile = norm_tile_tokens(config, x.shape[-1], x[..., 0, 0].numel())
     params = [p for p in self.parameters() if p.requires_grad]
-    return TiledFunction.apply(plain, tile, x, *params) if torch.is_grad_enabled() else plain(x)
+    out = TiledFunction.apply(plain, tile, x, *params)
+    if config.fuse_norms:
+        self._longseq_output = (weakref.ref(out), weakref.ref(x))
+    return out
+
+
+def _tiled_reader_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A linear layer that reads a norm's output (an attention input projection): fused with the norm when it is
+    handed the output of one (Note [Tiled compute])."""
+    plain = self._longseq_inner_forward
+    if args or kwargs or not torch.is_grad_enabled():
+        return plain(x, *args, **kwargs)
+    tile = norm_tile_tokens(self._longseq_tile_config, x.shape[-1], x[..., 0, 0].numel())
+    fused = _through_norm(self, plain, x, tile) if x.shape[-2] > tile else None
+    return plain(x) if fused is None else fused
+
+
+def _through_norm(reader: nn.Module, plain, x: torch.Tensor, tile: int) -> torch.Tensor | None:
+    """reader(x) computed as reader(norm(source)) over tiles of source, where x is the latest output of one of the
+    reader's layer norms and source that norm's input; None when x is not such an output (Note [Tiled compute])."""
+    for norm in reader._longseq_norms:
+        made = getattr(norm, "_longseq_output", None)
+        source = made[1]() if made is not None and made[0]() is x else None
+        if source is not None:
+            through = norm._longseq_inner_forward
+            params = [p for m in (norm, reader) for p in m.parameters() if p.requires_grad]
+            return TiledFunction.apply(lambda t: plain(through(t)), tile, source, *params)
+    return None
 
 
 def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
-    """Recompute the token-wise norms of each decoder layer (and the final norm) in backward, tile by tile.
+    """Recompute the token-wise norms of each decoder layer (and the final norm) in backward, tile by tile; with
+    config.fuse_norms, also inside the layers that read them (Note [Tiled compute]).
 
     Only norms over the hidden dimension are wrapped (per-head q/k norms work on (B, H, S, D) and stay as they are).
     """
@@ -165,10 +209,21 @@ def apply_tiled_norms(model: nn.Module, config: MemoryConfig) -> nn.Module:
     if any(hasattr(norm, "_longseq_tile_config") for norm in norms):
         raise ValueError("apply_tiled_norms was already applied to this model; apply it once.")
     for norm in norms:
-        norm._longseq_tile_config = config
-        norm._longseq_inner_forward = norm.forward
-        norm.forward = types.MethodType(_tiled_norm_forward, norm)
+        _wrap(norm, config, _tiled_norm_forward)
+    for layer in decoder_layers(model):
+        readers = attention_input_projections(layer) if config.fuse_norms else []
+        for reader in readers:
+            _wrap(reader, config, _tiled_reader_forward)
+        for reader in readers + [getattr(layer, "mlp", None)]:
+            if reader is not None:
+                reader._longseq_norms = layer_norms(layer) if config.fuse_norms else []
     return model
+
+
+def _wrap(module: nn.Module, config: MemoryConfig, forward) -> None:
+    module._longseq_tile_config = config
+    module._longseq_inner_forward = module.forward  # the class's, or whatever an earlier wrapper installed
+    module.forward = types.MethodType(forward, module)
 
 
 def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
@@ -184,8 +239,7 @@ def apply_tiled_mlp(model: nn.Module, config: MemoryConfig) -> nn.Module:
     if any(hasattr(mlp, "_longseq_tile_config") for mlp in mlps):
         raise ValueError("apply_tiled_mlp was already applied to this model; apply it once.")
     for mlp in mlps:
-        mlp._longseq_tile_config = config
         mlp._longseq_intermediate = _intermediate_size(mlp)
-        mlp._longseq_inner_forward = mlp.forward  # the class's, or whatever an earlier wrapper installed
-        mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
+        mlp._longseq_norms = getattr(mlp, "_longseq_norms", [])
+        _wrap(mlp, config, _tiled_mlp_forward)
     return model

@@ -84,9 +84,21 @@ def _is_rms_norm(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.endswith("RMSNorm")
 
 
+def layer_norms(layer: nn.Module) -> list[nn.Module]:
+    """A decoder layer's RMSNorms over the hidden dimension (its direct children; per-head q/k norms sit inside the
+    attention module and work on (B, H, S, D): not these)."""
+    return [m for m in layer.children() if _is_rms_norm(m)]
+
+
 def decoder_norms(model: nn.Module) -> list[nn.Module]:
-    """The RMSNorms over the hidden dimension: those directly in each decoder layer, then the decoder's final norm.
-    (Per-head q/k norms sit inside the attention module and work on (B, H, S, D): not these.)"""
-    norms = [m for layer in decoder_layers(model) for m in layer.children() if _is_rms_norm(m)]
+    """The RMSNorms over the hidden dimension: those of each decoder layer, then the decoder's final norm."""
+    norms = [m for layer in decoder_layers(model) for m in layer_norms(layer)]
     final = getattr(_decoder(model), "norm", None)
     return norms + ([final] if _is_rms_norm(final) else [])
+
+
+def attention_input_projections(layer: nn.Module) -> list[nn.Module]:
+    """The linear layers (plain or PEFT-wrapped: anything with `in_features`) directly inside a decoder layer's
+    attention module `self_attn`: q/k/v projections (and o_proj, which reads no norm)."""
+    attention = getattr(layer, "self_attn", None)
+    return [] if attention is None else [m for m in attention.children() if hasattr(m, "in_features")]

@@ -34,6 +34,7 @@ from longseq.parallel import kernels
 from longseq.parallel.attention_op import block_attention, register_state
 from longseq.parallel.balance import natural_order
 from longseq.parallel.documents import check_equal_slices, document_boundaries
+from longseq.parallel.head_groups import HeadGroups
 from longseq.parallel.local import causal_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 from longseq.state import LongseqState
@@ -185,7 +186,7 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
         if (mesh.ring > 1 or (sinks is not None and implementation in BLOCK_KERNELS)
                 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout))):
             out = _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout,
-                                   BLOCK_KERNELS[implementation], sinks)
+                                   BLOCK_KERNELS[implementation], sinks, _head_groups(held.memory))
             return sequence_to_heads_split(mesh.ulysses_group, out), None
         boundaries = documents(position_ids)
         if implementation == "flex_attention":
@@ -222,7 +223,16 @@ def _local_sinks(sinks: torch.Tensor | None, mesh: Mesh, heads: int) -> torch.Te
     return sinks[first:first + heads]
 
 
-def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel, sinks) -> torch.Tensor:
+def _head_groups(memory) -> HeadGroups:
+    """The head grouping MemoryConfig asks of the block kernels (Note [Attention head groups]); all heads in one call
+    without memory features."""
+    if memory is None:
+        return HeadGroups()
+    return HeadGroups(heads=memory.attention_heads_per_call, memory_mib=memory.attention_memory_mib)
+
+
+def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel, sinks,
+                     groups: HeadGroups) -> torch.Tensor:
     """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
     sliding window and sinks, as one operator (Note [Attention as one operator]); returns (B, S, H, D)."""
     if dropout:
@@ -233,7 +243,8 @@ def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, 
     if position_ids is None:
         raise ValueError(_NO_POSITIONS)
     window = window if window is not None and window < q.shape[2] * mesh.ring else None
-    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel, window=window, sinks=sinks)
+    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel, window=window, sinks=sinks,
+                           groups=groups)
 
 
 def document_block_mask(boundaries: list[list[int]], window: int | None, length: int, device):

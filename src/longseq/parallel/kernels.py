@@ -1,7 +1,7 @@
 """Block attention kernels that return the log-sum-exp, and their backward given a (merged) output and log-sum-exp.
 
-    block_forward(q, k, v, *, causal, scale, kernel)                      -> (out, lse)
-    block_backward(dout, q, k, v, out, lse, *, causal, scale, kernel)     -> (dq, dk, dv)
+    block_forward(q, k, v, *, causal, scale, kernel, groups)                      -> (out, lse)
+    block_backward(dout, q, k, v, out, lse, *, causal, scale, kernel, groups)     -> (dq, dk, dv)
 
 q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0. `causal` is only used on square blocks (Lq == Lk), where
 the top-left alignment of the aten ops is the usual causal mask. `out` is in q's dtype, `lse` (B, Hq, Lq) in fp32
@@ -13,7 +13,8 @@ up to the exact gradient (see Note [Ring attention] in ring.py).
 
 kernel="sdpa" (default): on CPU aten._scaled_dot_product_flash_attention_for_cpu and its backward; on CUDA the cuDNN
 and flash SDPA ops, in the order of CUDA_BACKENDS; the one that last worked for a (direction, dtype) is tried first,
-the other when it refuses.
+the other when it refuses. Calls take groups of heads (Note [Attention head groups], head_groups.py), the K/V heads
+expanded for GQA one call at a time.
 
 kernel="flex": FlexAttention (compiled on CUDA; CPU runs its eager forward only). Flex has no public backward that
 takes a given output and log-sum-exp, so its backward recomputes the block under autograd and feeds the block's share
@@ -26,6 +27,7 @@ import functools
 
 import torch
 
+from longseq.parallel.head_groups import ALL_HEADS, HeadCall, HeadGroups, KVGradients, fold_heads
 from longseq.parallel.local import expand_kv_to
 from longseq.parallel.merge import accumulation_dtype
 
@@ -42,38 +44,76 @@ _chosen: dict[tuple[str, torch.dtype], str] = {}
 KERNELS = ("sdpa", "flex")
 
 
-def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(q, k, v, *, causal: bool, scale: float, kernel: str = "sdpa",
+                  groups: HeadGroups = ALL_HEADS) -> tuple[torch.Tensor, torch.Tensor]:
+    """groups: how many heads one kernel call takes (Note [Attention head groups])."""
     if kernel == "flex":
         return flex_forward(q, k, v, causal, scale)
-    k, v = expand_kv_to(q, k, v)
-    if q.is_cuda:
-        return _cuda("forward", q.dtype, q, k, v, causal, scale)
-    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    calls = groups.calls(q, k)
+    if len(calls) == 1:
+        return _sdpa("forward", q, *expand_kv_to(q, k, v), causal, scale)
+    out, lse = torch.empty_like(q), None
+    for call in calls:
+        lse = _forward_call(call, q, k, v, causal, scale, out, lse)
+    return out, lse
 
 
-def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa", grad_dtype=None):
-    """grad_dtype: the gradients' dtype; by default the accumulation dtype (fp32 for half precision inputs)."""
+def _forward_call(call: HeadCall, q, k, v, causal: bool, scale: float, out: torch.Tensor, lse):
+    """One call's heads of out and lse (lse made at the first call, in the dtype the op returns). A function of its
+    own, so that the call's buffers are freed before the next call makes its own."""
+    call_out, call_lse = _sdpa("forward", q[:, call.q], *call.expand(k, v), causal, scale)
+    if lse is None:
+        lse = call_lse.new_empty(q.shape[:3])
+    out[:, call.q], lse[:, call.q] = call_out, call_lse
+    return lse
+
+
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str = "sdpa", grad_dtype=None,
+                   groups: HeadGroups = ALL_HEADS):
+    """grad_dtype: the gradients' dtype; by default the accumulation dtype (fp32 for half precision inputs).
+    groups: how many heads one kernel call takes (Note [Attention head groups])."""
     acc = grad_dtype or accumulation_dtype(q.dtype)
     if kernel == "flex":
         return [g.to(acc) for g in recompute_backward(flex_forward, dout, q, k, v, out, lse, causal, scale)]
-    kv_heads = k.shape[1]
-    k, v = expand_kv_to(q, k, v)
-    # Slices of larger tensors: the kernels expect dense inputs (a strided lse gives wrong gradients on some ops).
-    args = [t.contiguous() for t in (dout, q, k, v, out, lse)]
+    calls = groups.calls(q, k)
+    if len(calls) == 1:
+        dq, dk, dv = _sdpa("backward", dout, q, *expand_kv_to(q, k, v), out, lse, causal, scale)
+        return dq.to(acc), fold_heads(dk, k.shape[1], acc), fold_heads(dv, k.shape[1], acc)
+    dq, kv_grads = torch.empty_like(q, dtype=acc), KVGradients(k, v, acc)
+    for call in calls:
+        _backward_call(call, dout, q, k, v, out, lse, causal, scale, dq, kv_grads)
+    return dq, kv_grads.dk, kv_grads.dv
+
+
+def _backward_call(call: HeadCall, dout, q, k, v, out, lse, causal: bool, scale: float, dq: torch.Tensor,
+                   kv_grads: KVGradients) -> None:
+    """One call's heads of dq, dk, dv (a function of its own: the call's buffers go before the next call's)."""
+    heads = (slice(None), call.q)
+    call_dq, call_dk, call_dv = _sdpa("backward", dout[heads], q[heads], *call.expand(k, v), out[heads], lse[heads],
+                                      causal, scale)
+    dq[heads] = call_dq
+    kv_grads.add(call, call_dk, call_dv)
+
+
+def _sdpa(direction: str, *args):
+    """One call of the SDPA op for `direction` on (dout,) q, k, v (, out, lse), causal, scale.
+
+    The ops read strided tensors whose last dimension is dense: the (B, S, H, D) layout HF's q/k/v and the kernels'
+    own outputs have, and head or position slices of it (CPU: checked by tests/test_head_groups.py; CUDA: cuDNN >=
+    9.5.1 builds its graph from each tensor's strides, the flash op transposes to (B, S, H, D) and checks only the
+    last stride; tests/gpu/test_memory_gpu.py compares against dense copies). So only what breaks that is
+    copied, and the log-sum-exp always: a strided lse gave wrong gradients on some ops.
+    """
+    *tensors, causal, scale = args
+    tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+    if direction == "backward":
+        tensors[-1] = tensors[-1].contiguous()
+    q = tensors[1] if direction == "backward" else tensors[0]
     if q.is_cuda:
-        dq, dk, dv = _cuda("backward", q.dtype, *args, causal, scale)
-    else:
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, 0.0, causal, scale=scale)
-    return dq.to(acc), _fold_heads(dk, kv_heads, acc), _fold_heads(dv, kv_heads, acc)
-
-
-def _fold_heads(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of the g copies of each kv head (the adjoint of expand_kv_to); torch sums half precision in
-    fp32 internally, so only the result is rounded to `dtype`."""
-    b, heads, length, dim = grad.shape
-    if heads == kv_heads:
-        return grad.to(dtype)
-    return grad.view(b, kv_heads, heads // kv_heads, length, dim).sum(2, dtype=dtype)
+        return _cuda(direction, q.dtype, *tensors, causal, scale)
+    if direction == "forward":
+        return aten._scaled_dot_product_flash_attention_for_cpu(*tensors, 0.0, causal, scale=scale)[:2]
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(*tensors, 0.0, causal, scale=scale)
 
 
 def _cuda(direction: str, dtype: torch.dtype, *args):

@@ -2,8 +2,8 @@
 fits (docs/plan.md). Pure Python: it runs without a GPU.
 
     from longseq.plan import Problem, Layout, Workload, machine_for, plan, load_shape
-    result = plan(Problem(shape=load_shape("llama-8b"), layout=Layout(), workload=Workload(length=131072, training="lora"),
-                          machine=machine_for("h200")))
+    result = plan(Problem(shape=load_shape("llama-8b"), layout=Layout(),
+                          workload=Workload(length=131072, training="lora"), machine=machine_for("h200")))
     result.memory_config()
 """
 

@@ -41,8 +41,6 @@ class Card:
     """Fused AdamW on the host (FSDP2 CPU offload): parameters per second / 1e9, for all ranks of a host together."""
     attention_workspace_bytes: float
     """Bytes the attention backward kernel allocates for itself per query element (an fp32 dq accumulator: 4)."""
-    attention_output_layout: str
-    """Memory layout of the block kernels' output: 'like_q' (cuDNN, CPU: the layout of q) or 'bshd' (flash)."""
     attention_lse_dense: bool
     """The block kernels' log-sum-exp comes out dense (B, H, S) (cuDNN, flash; CPU's is (B, S, H) in memory)."""
     sdpa_gqa_expands_kv_grads: bool
@@ -51,10 +49,10 @@ class Card:
     """Extra step time of the tiled MLP per token and layer, over the untiled MLP, in ns."""
     tiled_norms_ns: float
     """Extra step time of recomputed (tiled) norms per token and layer, in ns."""
+    fused_norms_ns: float
+    """Extra step time of norms fused into their readers per token and layer, besides the projections' recompute."""
     tiled_loss_ns: float
     """Extra step time of the tiled loss per token, over the untiled loss, in ns."""
-    pinned_host_memory: bool
-    """Offloaded tensors live in pinned memory from CUDA's caching host allocator (each block a power of two)."""
     host_process_gib: float
     """Host memory a training process holds besides what the model counts (interpreter, CUDA context, buffers)."""
     host_memory_gib: dict[str, float] = field(default_factory=dict)

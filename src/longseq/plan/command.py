@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from longseq.plan.card import available_cards
-from longseq.plan.choice import PENDING_KNOBS, available_knobs
 from longseq.plan.errors import PlanError
 from longseq.plan.planner import default_ring, machine_for, plan, plan_longest
 from longseq.plan.problem import TRAINING, Layout, Problem, Workload
@@ -41,8 +41,6 @@ def parser() -> argparse.ArgumentParser:
                           help="frozen bf16 weights and LoRA adapters")
     training.add_argument("--training", choices=TRAINING, help="full (default), lora, forward-backward")
     p.add_argument("--max-step-s", type=float, help="a step-time budget in seconds")
-    p.add_argument("--pending-knobs", action="store_true",
-                   help=f"also plan with knobs MemoryConfig lacks yet ({', '.join(PENDING_KNOBS)})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -84,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         problem = problem_from(args)
-        knobs = frozenset(PENDING_KNOBS) if args.pending_knobs else available_knobs()
         if args.length == "max":
-            result = plan_longest(problem, max_step_s=args.max_step_s, knobs=knobs)
+            result = plan_longest(problem, max_step_s=args.max_step_s)
         else:
-            result = plan(problem, max_step_s=args.max_step_s, knobs=knobs)
+            result = plan(problem, max_step_s=args.max_step_s)
     except PlanError as error:
         print(f"longseq plan: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(as_dict(result), indent=1, sort_keys=True) if args.json else table(result))
+    try:
+        print(json.dumps(as_dict(result), indent=1, sort_keys=True) if args.json else table(result), flush=True)
+    except BrokenPipeError:  # e.g. `longseq plan ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if result.fits else 1

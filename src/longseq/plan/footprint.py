@@ -1,20 +1,25 @@
 """A choice's GPU peak and host bytes per rank: the moments of a step, summed from the memory model's terms.
 
 Moments (Note [Where every byte goes] in memory.py): the loss, when every layer's GPU-kept tensors are alive; and
-each layer's MLP and attention backward, with the tensors kept by the layers below it, its own saved tensors and
-what was prefetched for the layer below. The GPU peak is the largest; the host holds everything offloaded at the
-end of the forward.
+in each layer's backward its MLP backward, its attention backward and what follows it (the rotary and input
+projections' backward), each with the tensors the layers below keep, the layer's own saved tensors and what was
+prefetched for the layer below by then. The GPU peak is the largest; the host holds everything offloaded at the end
+of the forward, in the pages of the offloader's arena (Note [Host arena]).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longseq.plan import memory
+from longseq.plan import memory, placement
+from longseq.plan.attention import attention_backward
 from longseq.plan.choice import Choice
 from longseq.plan.problem import Problem
 from longseq.plan.state import training_state
 from longseq.plan.terms import Peak, Term
+
+ARENA_CHUNK = 1 << 30  # memory/host_arena.CHUNK_BYTES
+ARENA_PAGE = 4096  # memory/host_arena.PAGE_BYTES
 
 
 @dataclass
@@ -24,73 +29,92 @@ class Footprint:
     gpu: Peak
     host: Peak
     host_budget_bytes: float
-    """What the offloader holds on the host, unrounded: MemoryConfig.host_memory_gib reproduces the placement."""
+    """What the offloader holds on the host: MemoryConfig.host_memory_gib reproduces the placement."""
 
 
-def _pinned(nbytes: float, pinned: bool) -> float:
-    """CUDA's caching host allocator rounds each pinned block up to a power of two."""
-    return float(1 << max(0, int(nbytes) - 1).bit_length()) if pinned and nbytes > 0 else nbytes
+def arena_bytes(live: float, limit: float) -> float:
+    """The host arena's size once it holds `live` bytes (Note [Host arena]): chunks of 1 GiB, smaller powers of two
+    where less than that is left under its limit."""
+    size = 0
+    while size < live:
+        room = limit - size
+        chunk = ARENA_CHUNK if room >= ARENA_CHUNK else 1 << (int(room).bit_length() - 1) if room >= ARENA_PAGE else 0
+        if chunk == 0:
+            break
+        size += chunk
+    return float(size)
 
 
 def _total(terms: list[Term], tokens: int) -> float:
     return sum(t.per_token * tokens + t.fixed for t in terms)
 
 
-def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: memory.Placement) -> Peak:
+def layer_moments(problem: Problem, choice: Choice, w: memory.Widths) -> dict[str, list[Term]]:
+    """Each moment of a layer's backward: what the layer itself holds then."""
+    through, before = memory.layer_saved(problem, choice, w)
+    if choice.checkpointing:
+        through = through + placement.segment_inputs(choice, w)
+    gradient = [Term("residual-stream gradient", "layer backward", w.hidden)]
+    inputs = [t for t in through if t.name not in memory.ATTENTION_SAVED]
+    moments = {"MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w),
+               "attention backward": gradient + through + attention_backward(problem, choice, w),
+               "after the attention backward": gradient + inputs + memory.after_attention(problem, choice, w)}
+    if w.ulysses > 1 and choice.checkpointing:
+        inputs_only = ("layer input", "input RMSNorm: fp32 input copy and normed output")
+        layer_input = [t for t in through if t.name in inputs_only]
+        moments["recompute"] = gradient + layer_input + memory.ulysses_recompute(problem, choice, w)
+    return moments
+
+
+def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placement.Placement) -> Peak:
     """The largest moment; sums numbers per layer and builds the term list only for the winner."""
     tokens = problem.tokens
     fixed = training_state(problem, choice)[0] + memory.global_terms(problem, w)
-    through, before = memory.layer_saved(problem, choice, w)
-    if choice.checkpointing:
-        through = through + memory.segment_inputs(choice, w)
-    gradient = [Term("residual-stream gradient", "layer backward", w.hidden)]
-    moments = {"attention backward": gradient + through + memory.attention_backward(problem, w),
-               "MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w)}
+    moments = layer_moments(problem, choice, w)
     sizes = {name: _total(terms, tokens) for name, terms in moments.items()}
     totals: dict[int, float] = {}
     kept = [totals.setdefault(id(k), _total(k, tokens)) for k in layout.kept]
-    cache = choice.checkpointing and choice.cache_attention
     loss = memory.loss_terms(problem, choice, w)
     best, best_size, below = ("loss", None), sum(kept) + _total(loss, tokens), 0.0
-    largest = max(sizes.values())
-    prefetch: dict[tuple, float] = {}
-    offloaded_below = False
     for i in range(problem.shape.layers):
-        key = (offloaded_below, i > 0 and layout.host_pair[i - 1])
-        offloaded_below = offloaded_below or layout.offloaded[i]
-        if key not in prefetch:
-            pre = memory.prefetched(layout, i, cache, w) if choice.checkpointing else []
-            prefetch[key] = _total(pre, tokens)
-        size = below + prefetch[key] + largest
-        if size > best_size:
-            best, best_size = (max(sizes, key=sizes.get), i), size
+        held = _total(placement.retained_above(layout, i, w), tokens)
+        for name, size in sizes.items():
+            pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
+            if below + held + size + _total(pre, tokens) > best_size:
+                best, best_size = (name, i), below + held + size + _total(pre, tokens)
         below += kept[i]
     name, i = best
     if name == "loss":
         return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
-    pre = memory.prefetched(layout, i, cache, w) if choice.checkpointing else []
-    return Peak(f"{name} of layer {i}", fixed + [t for k in layout.kept[:i] for t in k] + pre + moments[name], tokens)
+    pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
+    below_terms = [t for k in layout.kept[:i] for t in k] + placement.retained_above(layout, i, w)
+    return Peak(f"{name} of layer {i}", fixed + below_terms + pre + moments[name], tokens)
 
 
-def host_usage(problem: Problem, choice: Choice, layout: memory.Placement) -> tuple[Peak, float]:
-    """(host bytes per rank at the end of the forward, the offloader's unrounded share of them)."""
+def host_usage(problem: Problem, choice: Choice, layout: placement.Placement, limit: float) -> Peak:
+    """Host bytes per rank at the end of the forward; offloaded tensors take whole pages of the arena."""
     card, tokens = problem.machine.card, problem.tokens
     terms = training_state(problem, choice)[1]
     terms.append(Term("process (interpreter, CUDA context, buffers)", "process", fixed=card.host_process_gib * 2**30))
-    offloaded, rounded = 0.0, {}
-    for held in layout.host:
-        for term in held:
-            nbytes = term.bytes(tokens)
-            offloaded += nbytes
-            key = (term.name, term.group)
-            rounded[key] = rounded.get(key, 0.0) + _pinned(nbytes, card.pinned_host_memory)
-    terms += [Term(name, group, fixed=nbytes) for (name, group), nbytes in rounded.items()]
-    return Peak("end of forward", terms, tokens), offloaded
+    live = sum(-(-t.bytes(tokens) // ARENA_PAGE) * ARENA_PAGE for held in layout.host for t in held)
+    if live:
+        terms.append(Term("host arena: offloaded checkpoints and kept attention outputs", "offloaded (host arena)",
+                          fixed=arena_bytes(live, limit)))
+    return Peak("end of forward", terms, tokens)
 
 
 def footprint(problem: Problem, choice: Choice) -> Footprint:
     choice = memory.effective(problem, choice)
     w = memory.widths(problem, choice)
-    layout = memory.placement_terms(problem, choice, w)
-    host, offloaded = host_usage(problem, choice, layout)
-    return Footprint(gpu=gpu_peak(problem, choice, w, layout), host=host, host_budget_bytes=offloaded)
+    layout = placement.placement_terms(problem, choice, w)
+    live = sum(t.bytes(problem.tokens) for held in layout.host for t in held)
+    host = host_usage(problem, choice, layout, limit=budget_bytes(problem, choice, live))
+    return Footprint(gpu=gpu_peak(problem, choice, w, layout), host=host, host_budget_bytes=live)
+
+
+def budget_bytes(problem: Problem, choice: Choice, live: float) -> float:
+    """The host budget a plan gives the offloader (MemoryConfig.host_memory_gib): its planned bytes with half a kept
+    output's worth of room (so its budget rule keeps exactly the planned outputs), or 1/16 GiB without the cache."""
+    shape, tokens = problem.shape, problem.tokens
+    pair = tokens * (shape.attention_width * problem.dtype_bytes + shape.heads * 4)
+    return live + (pair / 2 if choice.checkpointing and choice.cache_attention else 2**30 / 16)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from longseq.plan import search
 from longseq.plan.card import Card, load_card
-from longseq.plan.choice import available_knobs, memory_config_kwargs, to_memory_config
+from longseq.plan.choice import memory_config_kwargs, to_memory_config
+from longseq.plan.footprint import budget_bytes
 from longseq.plan.errors import PlanError
 from longseq.plan.problem import Layout, Machine, Problem, Workload
 from longseq.plan.shapes import ModelShape, shape_from_config
@@ -42,12 +43,8 @@ class Plan:
         return self.chosen or self.short.closest
 
     def host_budget_bytes(self) -> float:
-        """The offloader's host budget: the planned offloaded bytes and half a kept output's worth of slack, so its
-        budget rule keeps exactly the planned outputs (Note [Host budget])."""
-        usage, choice = self.chosen.footprint, self.chosen.choice
-        shape, tokens = self.problem.shape, self.problem.tokens
-        pair = tokens * (shape.attention_width * self.problem.dtype_bytes + shape.heads * 4)
-        return usage.host_budget_bytes + (pair / 2 if choice.cache_attention else _GIB / 16)
+        """The offloader's host budget (footprint.budget_bytes)."""
+        return budget_bytes(self.problem, self.chosen.choice, self.chosen.footprint.host_budget_bytes)
 
     def memory_config(self):
         """The MemoryConfig that runs the chosen configuration (PlanError when nothing fits)."""
@@ -74,28 +71,22 @@ class Plan:
                 f"{'; '.join(parts)}. Shorten the sequence, add GPUs (sp) or memory, or use --length max.")
 
 
-def plan(problem: Problem, *, max_step_s: float | None = None, knobs: frozenset[str] | None = None) -> Plan:
+def plan(problem: Problem, *, max_step_s: float | None = None) -> Plan:
     """The fastest configuration that fits `problem` at its length."""
-    knobs = available_knobs() if knobs is None else knobs
-    chosen, _ = search.fastest(problem, knobs, max_step_s)
+    chosen = search.fastest(problem, max_step_s)
     if chosen is not None:
         return Plan(problem=problem, chosen=chosen, max_step_s=max_step_s)
-    short = search.shortfall(problem, knobs)
+    short = search.shortfall(problem)
     limit = "step time" if short.closest.fits else short.limit
     return Plan(problem=problem, chosen=None, short=short, limit=limit, max_step_s=max_step_s)
 
 
-def plan_longest(problem: Problem, *, max_step_s: float | None = None,
-                 knobs: frozenset[str] | None = None) -> Plan:
+def plan_longest(problem: Problem, *, max_step_s: float | None = None) -> Plan:
     """The longest length that fits (a multiple of search.LENGTH_STEP), planned; the limit names what stops it."""
-    longest = search.longest_length(problem, max_step_s, knobs)
-    beyond = problem.with_length(longest + search.LENGTH_STEP)
-    short = search.shortfall(beyond, knobs)
+    longest = search.longest_length(problem, max_step_s)
+    short = search.shortfall(problem.with_length(longest + search.LENGTH_STEP))
     limit = "step time" if short.closest.fits else short.limit
-    if longest == 0:
-        result = plan(problem.with_length(search.LENGTH_STEP), max_step_s=max_step_s, knobs=knobs)
-    else:
-        result = plan(problem.with_length(longest), max_step_s=max_step_s, knobs=knobs)
+    result = plan(problem.with_length(longest or search.LENGTH_STEP), max_step_s=max_step_s)
     result.longest, result.limit = longest, limit
     return result
 

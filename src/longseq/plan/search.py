@@ -2,15 +2,21 @@
 
 Note [Plan search]
 ~~~~~~~~~~~~~~~~~~
-Features (tiled MLP, norms, loss), the tile size, FSDP2's CPU offload, checkpointing, the attention cache and
-layers_per_checkpoint are enumerated; for each, every count of layers keeping their checkpoint on the GPU
-(0 … L) is tried, and kept attention outputs are then placed greedily: on the host for the first offloaded layers
-as far as the host has room, then (where MemoryConfig can) on the GPU as far as it has room. Every candidate is
-evaluated by the memory model (footprint.py) and the time model (timing.py); the fastest that fits GPU and host
-wins. Memory grows with length for every candidate, so "some candidate fits" is monotone in length and in the
-budgets, and the longest length is found by doubling and bisection over the least-memory candidates (all tiled,
-smallest tile, no kept outputs: nothing else uses less of either budget) — more memory never gives a shorter
-length. With a step-time budget the fastest fitting candidate's time decides instead.
+Bases are enumerated: the tiled features (MLP; norms, fused into their readers or not; loss), the tile size, the
+attention call's memory target, FSDP2's CPU offload, checkpointing, the attention cache and layers_per_checkpoint.
+For a base, a count of layers keeping their checkpoint on the GPU is tried at a time (every count for shallow
+models, sixteen steps otherwise), and kept attention outputs are placed greedily: on the host for the first layers
+as far as the host has room, then on the GPU for the last layers as far as it has room. Every candidate is evaluated
+by the memory model (footprint.py) and the time model (timing.py); the fastest that fits GPU and host wins. Bases
+are visited by a bound on their time (every checkpoint and output on the GPU: nothing recomputed, nothing copied,
+which no placement beats), and the visit stops at the first bound no faster than the best found.
+
+Memory grows with length for every candidate, so "some candidate fits" is monotone in length and in the budgets,
+and the longest length is found by doubling and bisection over the least-memory candidates: all features tiled and
+fused, the smallest tile and attention target, no kept outputs, for each cache setting, layers_per_checkpoint and
+FSDP2 offload, with the fewest checkpoints on the GPU that the host allows (or all, or none): nothing else uses less
+of either budget, so more memory never gives a shorter length. With a step-time budget the fastest fitting
+candidate's time decides instead.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from longseq.plan.choice import Choice, available_knobs
+from longseq.plan.choice import Choice
 from longseq.plan.footprint import Footprint, footprint
 from longseq.plan.problem import Problem
 from longseq.plan.timing import StepTime, step_time
 
 TILES = (256, 64)
+ATTENTION_MIB = (1024, 256)
+DENSITIES = (1, 2, 4)
+NORMS = ((True, True), (True, False), (False, False))  # (tiled_norms, fuse_norms)
 LENGTH_STEP = 1024  # maximum lengths are reported in multiples of this
 MAX_LENGTH = 1 << 30
 
@@ -56,44 +65,52 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
                       host_over=host_per_host - problem.machine.host_limit)
 
 
-def _base_choices(problem: Problem, knobs: frozenset[str], least_memory: bool):
-    """Choices before placement: features, tile, FSDP2 offload, checkpointing, cache, layers_per_checkpoint."""
-    features = [(True, True, True)] if least_memory else list(itertools.product((True, False), repeat=3))
+def _bases(problem: Problem, least_memory: bool):
+    """Choices before placement (Note [Plan search])."""
     fsdp = (False, True) if problem.workload.training == "full" else (False,)
     packed_alone = problem.workload.longest_document is not None and problem.layout.sp == 1
     caches = (True,) if packed_alone else (True, False)  # the model's own SDPA with packed documents is not modelled
-    densities = (1, 2, 4) if "layers_per_checkpoint" in knobs else (1,)
-    for (mlp, norms, loss), offload in itertools.product(features, fsdp):
-        tiles = TILES[-1:] if least_memory else (TILES if mlp or loss else TILES[:1])
-        for tile in tiles:
-            base = Choice(tiled_mlp=mlp, tiled_norms=norms, tiled_loss=loss, tile_memory_mib=tile,
+    if least_memory:
+        for offload, cache, k in itertools.product(fsdp, caches, DENSITIES):
+            yield Choice(tile_memory_mib=TILES[-1], attention_memory_mib=ATTENTION_MIB[-1], fsdp_cpu_offload=offload,
+                         cache_attention=cache, layers_per_checkpoint=k)
+        return
+    for mlp, (norms, fuse), loss, offload in itertools.product((True, False), NORMS, (True, False), fsdp):
+        for tile in TILES if mlp or norms or loss else TILES[:1]:
+            base = Choice(tiled_mlp=mlp, tiled_norms=norms, fuse_norms=fuse, tiled_loss=loss, tile_memory_mib=tile,
                           fsdp_cpu_offload=offload)
-            if not least_memory and not packed_alone:
+            if not packed_alone:
                 yield replace(base, checkpointing=False, cache_attention=False)
-            for cache, k in itertools.product(caches, densities):
-                yield replace(base, cache_attention=cache, layers_per_checkpoint=k)
+            for cache, k, target in itertools.product(caches, DENSITIES, ATTENTION_MIB):
+                yield replace(base, cache_attention=cache, layers_per_checkpoint=k, attention_memory_mib=target)
 
 
-def _with_kept_outputs(problem: Problem, choice: Choice, knobs: frozenset[str]) -> Evaluation:
-    """`choice` with as many attention outputs kept as host (then GPU) room allows (Note [Plan search])."""
-    offloaded = problem.shape.layers - choice.checkpoint_gpu_layers
-    plain = evaluate(problem, choice)
-    if not choice.cache_attention or offloaded == 0 or not plain.fits:
+def _time_bound(problem: Problem, base: Choice) -> float:
+    """No placement of `base` is faster than every checkpoint and kept output on the GPU."""
+    layers = problem.shape.layers
+    everything_on_gpu = replace(base, checkpoint_gpu_layers=layers, attention_gpu_layers=layers)
+    return step_time(problem, everything_on_gpu if base.checkpointing else base).seconds
+
+
+def _gpu_counts(layers: int) -> list[int]:
+    """Counts of GPU-kept checkpoints tried: all up to 16 layers, sixteen steps beyond."""
+    return list(range(layers + 1)) if layers <= 16 else sorted({round(layers * i / 16) for i in range(17)})
+
+
+def _with_kept_outputs(problem: Problem, choice: Choice) -> Evaluation:
+    """`choice` with as many attention outputs kept as host, then GPU, room allows (Note [Plan search])."""
+    layers = problem.shape.layers
+    plain = evaluate(problem, replace(choice, attention_gpu_layers=0, attention_host_layers=0))
+    if not choice.cache_attention or not plain.fits:
         return plain
-    one = evaluate(problem, replace(choice, attention_host_layers=1))
-    per_pair = (one.host_over - plain.host_over) or 1.0
-    host_pairs = min(offloaded, max(0, int(-plain.host_over // per_pair)))
-    best = _largest_fitting(problem, choice, "attention_host_layers", host_pairs)
-    if "attention_gpu_layers" in knobs and best.choice.attention_host_layers < offloaded:
-        room = offloaded - best.choice.attention_host_layers
-        best = _largest_fitting(problem, best.choice, "attention_gpu_layers", room)
-    return best
+    best = _largest_fitting(problem, plain.choice, "attention_host_layers", 0, layers)
+    return _largest_fitting(problem, best.choice, "attention_gpu_layers", 0, layers)
 
 
-def _largest_fitting(problem: Problem, choice: Choice, field: str, upper: int) -> Evaluation:
-    """The largest value ≤ upper of a count field that fits (memory is monotone in it), by bisection."""
-    low, high = 0, upper
-    best = evaluate(problem, replace(choice, **{field: 0}))
+def _largest_fitting(problem: Problem, choice: Choice, field: str, low: int, high: int) -> Evaluation:
+    """The largest value in [low, high] of a count field that fits (memory grows with it), by bisection; `choice`
+    must fit at low."""
+    best = evaluate(problem, replace(choice, **{field: low}))
     while low < high:
         middle = (low + high + 1) // 2
         candidate = evaluate(problem, replace(choice, **{field: middle}))
@@ -108,55 +125,59 @@ def _host_fitting(problem: Problem, choice: Choice) -> list[Evaluation]:
     """Least-memory placements of `choice`: all checkpoints offloaded (least GPU), all on the GPU (least host), and
     the fewest on the GPU that the host allows (host bytes fall and GPU bytes grow with that count)."""
     layers = problem.shape.layers
-    ends = [evaluate(problem, replace(choice, checkpoint_gpu_layers=n)) for n in (0, layers)]
+    at = (lambda n: evaluate(problem, replace(choice, checkpoint_gpu_layers=n, attention_gpu_layers=0)))
+    ends = [at(0), at(layers)]
     if ends[0].host_over <= 0 or ends[1].host_over > 0:
         return ends
-    low, high = 0, layers  # host does not fit at low, fits at high
+    low, high = 0, layers  # the host does not fit at low, fits at high
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if evaluate(problem, replace(choice, checkpoint_gpu_layers=middle)).host_over > 0 \
-            else (low, middle)
-    return ends + [evaluate(problem, replace(choice, checkpoint_gpu_layers=high))]
+        low, high = (middle, high) if at(middle).host_over > 0 else (low, middle)
+    return ends + [at(high)]
 
 
-def candidates(problem: Problem, knobs: frozenset[str] | None = None, least_memory: bool = False):
-    """Every evaluated candidate of the search space (placements of kept outputs solved greedily); with
-    least_memory, only the candidates that use the least of the GPU, of the host, or of both."""
-    knobs = available_knobs() if knobs is None else knobs
-    for base in _base_choices(problem, knobs, least_memory):
-        if not base.checkpointing:
-            yield evaluate(problem, base)
-        elif least_memory:
-            yield from _host_fitting(problem, base)
-        else:
-            for on_gpu in range(problem.shape.layers + 1):
-                yield _with_kept_outputs(problem, replace(base, checkpoint_gpu_layers=on_gpu), knobs)
+def least_memory_candidates(problem: Problem):
+    for base in _bases(problem, least_memory=True):
+        yield from _host_fitting(problem, base)
 
 
-def fastest(problem: Problem, knobs: frozenset[str] | None = None, max_step_s: float | None = None):
-    """(the fastest fitting evaluation or None, the closest evaluation when none fits)."""
-    best = closest = None
-    for e in candidates(problem, knobs):
-        if e.fits and (max_step_s is None or e.time.seconds <= max_step_s):
-            if best is None or e.time.seconds < best.time.seconds:
-                best = e
-        if closest is None or e.overshoot(problem) < closest.overshoot(problem):
-            closest = e
-    return best, closest
+def fastest(problem: Problem, max_step_s: float | None = None) -> Evaluation | None:
+    """The fastest fitting candidate (within max_step_s), or None (Note [Plan search])."""
+    best = None
+    for bound, base in sorted(((_time_bound(problem, b), b) for b in _bases(problem, least_memory=False)),
+                              key=lambda pair: pair[0]):
+        if best is not None and bound >= best.time.seconds:
+            break
+        for e in _placements(problem, base):
+            if e.fits and (max_step_s is None or e.time.seconds <= max_step_s):
+                if best is None or e.time.seconds < best.time.seconds:
+                    best = e
+    return best
 
 
-def fits_somehow(problem: Problem, knobs: frozenset[str] | None = None) -> bool:
-    return any(e.fits for e in candidates(problem, knobs, least_memory=True))
+def _placements(problem: Problem, base: Choice):
+    """The evaluated placements of a base: the scanned counts of GPU-kept checkpoints with outputs kept greedily,
+    and the least-memory ones (so that whatever fits_somehow finds, the search finds too)."""
+    if not base.checkpointing:
+        yield evaluate(problem, base)
+        return
+    for on_gpu in _gpu_counts(problem.shape.layers):
+        yield _with_kept_outputs(problem, replace(base, checkpoint_gpu_layers=on_gpu))
+    for least in _host_fitting(problem, base):
+        yield _with_kept_outputs(problem, least.choice)
 
 
-def longest_length(problem: Problem, max_step_s: float | None = None,
-                   knobs: frozenset[str] | None = None) -> int:
+def fits_somehow(problem: Problem) -> bool:
+    return any(e.fits for e in least_memory_candidates(problem))
+
+
+def longest_length(problem: Problem, max_step_s: float | None = None) -> int:
     """The longest length (a multiple of LENGTH_STEP) at which some candidate fits (Note [Plan search]); 0: none."""
     def ok(length: int) -> bool:
         trial = problem.with_length(length)
-        if not fits_somehow(trial, knobs):
+        if not fits_somehow(trial):
             return False
-        return max_step_s is None or fastest(trial, knobs, max_step_s)[0] is not None
+        return max_step_s is None or fastest(trial, max_step_s) is not None
 
     low, high = 0, LENGTH_STEP
     while high <= MAX_LENGTH and ok(high):
@@ -183,8 +204,8 @@ class Shortfall:
         return " and ".join(over) or "GPU and host memory together"
 
 
-def shortfall(problem: Problem, knobs: frozenset[str] | None = None) -> Shortfall:
+def shortfall(problem: Problem) -> Shortfall:
     """The least-memory candidates' best on each budget at a length where none fits both (Note [Plan search])."""
-    evaluations = list(candidates(problem, knobs, least_memory=True))
+    evaluations = list(least_memory_candidates(problem))
     return Shortfall(gpu_over=min(e.gpu_over for e in evaluations), host_over=min(e.host_over for e in evaluations),
                      closest=min(evaluations, key=lambda e: e.overshoot(problem)))

@@ -10,13 +10,17 @@ attention within documents of length d over sequences of length S:
     projections, MLP    2·s·P forward, twice that backward (once for frozen weights: no weight gradients), and the
                         forward again under checkpointing (the tiled MLP recomputes its tiles in backward even
                         without checkpointing), at gemm_tflops
-    tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums)
+    tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums); norms
+                        fused into their readers: the q/k/v projections' forward once more, and fused_norms_ns
+    segments            with layers_per_checkpoint k, k − 1 of a segment's k layers run forward once more in
+                        backward to rebuild their inputs (attention only where its output was not kept)
     Ulysses             each all-to-all (q, k, v out; the output back) moves (U−1)/U of its bytes, synchronously,
                         in forward, backward and again in the recompute
     ring                R−1 K/V exchanges per attention pass, R dk/dv exchanges in backward; each overlaps the
                         blocks of its ring step, so only the part longer than a step's compute shows
     offload             a layer's checkpoint and kept output go to the host on a side stream during its forward and
-                        come back during the backward of the layer above: only what outlasts that compute shows
+                        come back during the backward of the layer above (after its attention backward with
+                        prefetch_after_attention): only what outlasts that compute shows
     FSDP2               all-gathers (forward, backward) and reduce-scatters per layer, and with CPU offload the
                         shard's host↔device copies, overlap the layer's compute the same way
 
@@ -80,18 +84,21 @@ def step_time(problem: Problem, choice: Choice) -> StepTime:
         layer = StepTime()
         layer.add("attention", attention / forward_speed + 2.5 * attention / backward_speed)
         layer.add("projections and MLP", (1 + backward) * (projections + mlp) / gemm)
-        recompute = checkpoint != "none" or (choice.checkpointing and choice.layers_per_checkpoint > 1)
-        if recompute and kept == "recompute":
-            layer.add("attention recomputed", attention / forward_speed)
-        if recompute:
+        if choice.checkpointing:  # every layer is checkpointed on its own, whatever keeps its input
+            layer.add("attention recomputed", attention / forward_speed * (kept == "recompute"))
             layer.add("forward recomputed", projections / gemm + (0 if choice.tiled_mlp else mlp / gemm))
-        if choice.checkpointing and choice.layers_per_checkpoint > 1:  # the segment's forward, once more
-            layer.add("segment recomputed", (projections + mlp) / gemm)
+        k = choice.layers_per_checkpoint
+        if choice.checkpointing and k > 1:  # k − 1 of a segment's k layers run forward once more to rebuild inputs
+            again = (projections + mlp) / gemm + attention / forward_speed * (kept == "recompute")
+            layer.add("segment inputs rebuilt", again * (k - 1) / k)
         if choice.tiled_mlp:
             layer.add("MLP recomputed in its tiles", mlp / gemm)
             layer.add("tiled MLP overhead", card.tiled_mlp_ns * 1e-9 * tokens)
         if choice.tiled_norms:
             layer.add("tiled norms overhead", card.tiled_norms_ns * 1e-9 * tokens)
+        if choice.fuse_norms:  # the q/k/v projections' forward again in their tiles, their norm with them
+            layer.add("fused norms: projections recomputed", projections / gemm)
+            layer.add("fused norms overhead", card.fused_norms_ns * 1e-9 * tokens)
         _communication(problem, choice, layer, checkpoint, kept, layer_forward, layer_backward)
         for name, seconds in layer.components.items():
             step.add(name, seconds * count)
@@ -103,7 +110,7 @@ def _communication(problem, choice, step, checkpoint, kept, layer_forward, layer
     card, shape, layout, tokens, e = (problem.machine.card, problem.shape, problem.layout, problem.tokens,
                                       problem.dtype_bytes)
     kv = max(shape.kv_heads, layout.ulysses) * shape.head_dim
-    passes = 3 if checkpoint != "none" else 2  # forward, backward, and the recompute
+    passes = 3 if choice.checkpointing else 2  # forward, backward, and the recompute
     if layout.ulysses > 1:
         exchanged = tokens * (2 * shape.attention_width + 2 * kv) * e * (layout.ulysses - 1) / layout.ulysses
         step.add("Ulysses all-to-all", passes * exchanged / (card.all_to_all_gib_s * _G))
@@ -113,14 +120,19 @@ def _communication(problem, choice, step, checkpoint, kept, layer_forward, layer
         forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(shape.head_dim))
         forward_step, backward_step = attention / forward_speed, 2.5 * attention / backward_speed
         link = card.p2p_gib_s * _G
-        forwards = 2 if kept == "recompute" and checkpoint != "none" else 1
+        forwards = 2 if kept == "recompute" and choice.checkpointing else 1
         step.add("ring K/V exchange", forwards * steps * _exposed(kv_bytes / link, forward_step))
         step.add("ring K/V and dk/dv exchange", steps * _exposed(kv_bytes / link, backward_step)
                  + layout.ring * _exposed(2 * kv_bytes / link, backward_step))
     offloaded = tokens * shape.hidden * e * (checkpoint == "host")
     offloaded += tokens * (shape.attention_width * e + shape.heads * 4) * (kept == "host")
+    # Brought back after the attention backward (prefetch_after_attention), a copy has the rest of the layer's
+    # backward to hide behind; otherwise all of it.
+    after = choice.prefetch_after_attention and choice.cache_attention
+    window = layer_backward - (2.5 * layer_flops(problem)[0] / (card.attention_tflops(shape.head_dim)[1] * 1e12)
+                               if after else 0.0)
     step.add("offload copies not hidden", _exposed(offloaded / (card.device_to_host_gib_s * _G), layer_forward)
-             + _exposed(offloaded / (card.host_to_device_gib_s * _G), layer_backward))
+             + _exposed(offloaded / (card.host_to_device_gib_s * _G), window))
     _fsdp(problem, choice, step, layer_forward, layer_backward)
 
 

@@ -1,0 +1,94 @@
+"""Where each layer's checkpoint and kept attention output live (GPU, host, nowhere) and what backward brings
+back ahead of its use. Part of Note [Where every byte goes] (memory.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longseq.plan.choice import Choice
+from longseq.plan.memory import Widths, layer_saved
+from longseq.plan.problem import Problem
+from longseq.plan.terms import Term
+
+
+@dataclass
+class Placement:
+    """Per layer: what it keeps on the GPU from its forward to its backward, and what it holds on the host."""
+
+    kept: list[list[Term]] = field(default_factory=list)
+    host: list[list[Term]] = field(default_factory=list)
+    offloaded: list[bool] = field(default_factory=list)
+    """Its checkpoint is on the host."""
+    host_pair: list[bool] = field(default_factory=list)
+    """Its kept attention output is on the host."""
+    gpu_pair: list[bool] = field(default_factory=list)
+    """Its kept attention output is on the GPU."""
+
+
+def _on_host(per_token: float, problem: Problem) -> bool:
+    """The offloader moves only tensors of at least offload_min_bytes."""
+    return per_token * problem.tokens >= problem.offload_min_bytes
+
+
+def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
+    """Each layer's GPU-kept and host-held terms under the choice's placement."""
+    result = Placement()
+    through, before = layer_saved(problem, choice, w)
+    pair = [("kept attention output", w.q), ("kept attention log-sum-exp", w.lse)]
+    built: dict[tuple[str, str], tuple[list[Term], list[Term], bool]] = {}
+    for row in choice.placement(problem.shape.layers):
+        if row not in built:
+            checkpoint, attention = row
+            kept, host = [], []
+            offloaded = checkpoint == "host" and _on_host(w.hidden, problem)
+            if not choice.checkpointing:
+                kept = [Term(t.name, "activations kept (no checkpointing)", t.per_token) for t in through + before]
+            elif offloaded:
+                host.append(Term("checkpoint", "offloaded checkpoints", w.hidden))
+            elif checkpoint != "none":
+                kept.append(Term("checkpoint", "checkpoints on the GPU", w.hidden))
+            for name, width in pair if attention in ("gpu", "host") else []:
+                if attention == "host" and _on_host(width, problem):
+                    host.append(Term(name, "kept attention outputs on the host", width))
+                else:
+                    kept.append(Term(name, "kept attention outputs on the GPU", width))
+            built[row] = kept, host, offloaded
+        kept, host, offloaded = built[row]
+        result.kept.append(kept)
+        result.host.append(host)
+        result.offloaded.append(offloaded)
+        result.host_pair.append(row[1] == "host")
+        result.gpu_pair.append(row[1] == "gpu" and bool(kept))
+    return result
+
+
+def prefetched(layout: Placement, i: int, moment: str, choice: Choice, w: Widths) -> list[Term]:
+    """Copies already brought back for the layers below when layer i's `moment` ('MLP backward', 'attention
+    backward', 'after the attention backward') runs (Note [Checkpoint offload]). With prefetch_after_attention and
+    the cache, the previous checkpoint starts coming back once the attention backward is done, and was not seen
+    alive beside the rotary backward's peak (bench/live_bytes.py): none at these moments. Otherwise it comes back
+    when i's checkpoint is unpacked, with layer i−1's kept output beside it."""
+    g, k = "prefetched for the next layer", choice.layers_per_checkpoint
+    previous = (i // k - 1) * k  # the first layer of the checkpoint before layer i's
+    checkpoint = [Term("next checkpoint", g, w.hidden)] if previous >= 0 and layout.offloaded[previous] else []
+    cache = choice.checkpointing and choice.cache_attention
+    if cache and choice.prefetch_after_attention:  # after the attention backward: not seen beside its peak
+        return []
+    pair = [Term(t.name.replace("kept", "next kept"), g, t.per_token) for t in layout.host[i - 1]
+            if "attention" in t.name] if cache and i > 0 and layout.host_pair[i - 1] else []
+    return checkpoint + pair
+
+
+def retained_above(layout: Placement, i: int, w: Widths) -> list[Term]:
+    """After their backward, layers that keep their attention output on the GPU still hold it, and their recomputed
+    input, q, k and v with it (the kept output is returned again by the recompute's attention, which keeps that
+    graph; seen with bench/live_bytes.py): at layer i, those of the layers above."""
+    count = sum(layout.gpu_pair[i + 1:])
+    width = w.hidden + 2 * w.q + 2 * w.kv + w.lse
+    return [Term("kept output, input, q, k, v still held by GPU-kept attention above", "held after backward",
+                 count * width)] if count else []
+
+
+def segment_inputs(choice: Choice, w: Widths) -> list[Term]:
+    k = choice.layers_per_checkpoint
+    return [Term("inputs of the segment's other layers", "layer saved tensors", (k - 1) * w.hidden)] if k > 1 else []
