@@ -161,6 +161,7 @@ class CheckpointOffloader:
             self.checkpoint_bytes = handle.size
         return x if handle is None else handle
 
+    @torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
     def hooks(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:
         """Pack/unpack hooks for layer `index`'s checkpoint; layer 0 starts a new forward."""
         if index == 0:
@@ -185,6 +186,7 @@ class CheckpointOffloader:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    @torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
     def new_segment(self, index: int) -> Segment:
         """The record of the segment that layer `index` starts (Note [Checkpoint segments])."""
         stop = min(index + self.layers_per_checkpoint, self.num_layers)
