@@ -83,7 +83,7 @@ def test_what_the_plan_switches_off_does_not_run(monkeypatch, memory):
     model = longseq.apply(tiny_model(num_hidden_layers=3), None, config)
     tiles = _count(monkeypatch, TiledFunction, "apply")
     checkpoints = _count(monkeypatch, checkpoint_offload, "checkpoint")
-    blocks = _count(monkeypatch, attention_module, "ring_attention")
+    blocks = _count(monkeypatch, attention_module, "block_attention")
     step(model, batch(256))
     stats = longseq.memory.offload_stats(model)
     work = (len(tiles), len(checkpoints), len(blocks), stats.offloaded_tensors)
