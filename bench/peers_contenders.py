@@ -125,16 +125,23 @@ def longseq_unavailable(args) -> list[str]:
 
 
 def longseq_memory(args, fixed: dict):
-    """The MemoryConfig of a longseq run: --memory default gives MemoryConfig(**--memory-field, **fixed); --memory auto
-    hands "auto" to longseq.apply, the planner's choice (issue 14)."""
+    """The memory of a longseq run: --memory default gives MemoryConfig(**--memory-field, **fixed); --memory auto an
+    AutoMemory (the planner's choice per length, those fields forced) for what this run trains: the trainer's FSDP2
+    and AdamW ('full', CPU offload with --placement all) or forward + backward only (--optimizer none), bf16
+    activations; on CUDA for this machine, without it for the 'cpu' card with this host's memory."""
     import longseq
 
     fields = {**memory_fields(args.memory_field), **fixed}
-    if args.memory == "auto":
-        if fields:
-            raise ValueError(f"--memory auto takes no --memory-field (got {sorted(fields)}): the planner chooses.")
-        return "auto"
-    return longseq.MemoryConfig(**fields)
+    if args.memory != "auto":
+        return longseq.MemoryConfig(**fields)
+    from longseq.memory.host_budget import host_total_gib
+    from longseq.plan import machine_for
+
+    machine = None if torch.cuda.is_available() else machine_for("cpu", gpu_memory_gib=host_total_gib(),
+                                                                  host_memory_gib=host_total_gib())
+    training = "full" if args.optimizer == "adamw" else "forward-backward"
+    return longseq.AutoMemory(machine=machine, training=training, fsdp_cpu_offload=args.placement == "all",
+                              compute_dtype=torch.bfloat16, **fields)
 
 
 def prepare_longseq(args, **fixed) -> Contender:
@@ -150,7 +157,8 @@ def prepare_longseq(args, **fixed) -> Contender:
     mesh = longseq.init_mesh(sp=args.sp, ring=1)
     model = build_model(args.shape, args.layers, args.device, seed=args.seed)
     longseq.apply(model, mesh, memory)
-    settings = dict(memory=repr(memory), sp=mesh.sp, dp=mesh.dp)
+    auto = isinstance(memory, longseq.AutoMemory)
+    settings = dict(memory=f"auto, forced: {memory.overrides}" if auto else repr(memory), sp=mesh.sp, dp=mesh.dp)
     opt = None
     if args.optimizer == "adamw":
         offload = args.placement == "all"
@@ -175,12 +183,14 @@ def prepare_longseq(args, **fixed) -> Contender:
         return float(loss)
 
     def observed() -> dict:
+        in_use = longseq.memory_config_in_use(model)
+        chosen = {} if in_use is None else dict(memory_in_use=dataclasses.asdict(in_use))
         try:
             stats = longseq.memory.offload_stats(model)
         except ValueError:  # no checkpoint offload in this MemoryConfig: nothing to report
-            return {}
+            return chosen
         budget = stats.budget_bytes
-        return dict(host_budget_gib=budget / 2**30 if budget is not None else None,
+        return dict(**chosen, host_budget_gib=budget / 2**30 if budget is not None else None,
                     offload_peak_gib=stats.peak_bytes / 2**30, attention_not_kept=stats.attention_not_kept,
                     checkpoints_on_device=stats.checkpoints_on_device)
 

@@ -74,7 +74,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "none"],
                         help="adamw: each step ends with the contender's AdamW update; none: forward + backward only")
     parser.add_argument("--memory", default="default", choices=["default", "auto"],
-                        help="longseq: MemoryConfig() (with --memory-field), or the planner's choice once it exists")
+                        help="longseq: MemoryConfig() (with --memory-field), or the planner's choice per length "
+                             "(longseq.AutoMemory, --memory-field forcing fields; records memory_in_use)")
     parser.add_argument("--memory-field", action="append", default=[], metavar="NAME=VALUE",
                         help="longseq: a MemoryConfig field, e.g. cache_attention=false (repeatable)")
     parser.add_argument("--profile", action="store_true",

@@ -14,7 +14,7 @@ import torch
 import longseq
 from longseq.memory import MemoryConfig, offload_stats
 from longseq.memory.attention_cache import KeptAttention
-from longseq.parallel import ring as ring_module
+from longseq.parallel import varlen
 from longseq.parallel.ring import ring_attention
 from longseq.state import longseq_state
 from tests.models import batch, tiny_model
@@ -31,7 +31,7 @@ def _step_counting_kernel_calls(model, data, mesh, monkeypatch) -> tuple[int, in
     """Attention kernel calls (longseq's block kernels or transformers' SDPA) of one training step's forward, and of
     its backward (recompute included)."""
     calls = []
-    kernels = [(ring_module, "block_forward"), (torch.nn.functional, "scaled_dot_product_attention")]
+    kernels = [(varlen, "block_forward"), (torch.nn.functional, "scaled_dot_product_attention")]
     with monkeypatch.context() as patch:
         for module, name in kernels:
             real = getattr(module, name)

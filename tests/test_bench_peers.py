@@ -49,6 +49,23 @@ def test_run_peers_on_cpu_records_every_field_and_losses_agree(tmp_path):
         assert offload["status"] == "unavailable" and "hf-offload cannot run here" in offload["error"]
 
 
+def test_run_peers_longseq_auto_records_the_config_it_chose(tmp_path):
+    results = tmp_path / "peers.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-m", "bench.run_peers", "drive", "--device", "cpu", "--cpus", "1",
+                          "--gpus", "1", "--jobs", "1", "--shape", "tiny", "--lengths", "64", "--timed", "1",
+                          "--contenders", "longseq", "--memory", "auto", "--code", "test", "--call", "0",
+                          "--results", str(results), "--timeout", "240", "--budget", "600"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (record,) = map(json.loads, results.read_text().splitlines())
+    assert record["status"] == "ok", record
+    chosen = record["memory_in_use"]  # 64 tokens: the plan switches checkpointing and the norms' tiling off
+    assert not chosen["offload_checkpoints"] and not chosen["tiled_norms"]
+    assert record["settings"]["memory"].startswith("auto")
+
+
 def test_driver_offloads_only_after_an_out_of_memory(monkeypatch):
     monkeypatch.setattr(Driver, "_calibrate", lambda self: (None, "not in this test"))
     monkeypatch.setattr("bench.peers_driver.unavailable", lambda name, args: [])  # as on a GPU machine with DeepSpeed
@@ -73,8 +90,10 @@ def test_longseq_memory_options(monkeypatch):
         memory_fields(["tiled_mlps=false"])
     args = driver_parser().parse_args(["--memory-field", "tiled_mlp=false"])
     assert longseq_memory(args, {}) == longseq.MemoryConfig(tiled_mlp=False)
-    auto = driver_parser().parse_args(["--memory", "auto"])
-    assert longseq_memory(auto, {}) == "auto"
+    auto = driver_parser().parse_args(["--memory", "auto", "--memory-field", "tiled_loss=false"])
+    chosen = longseq_memory(auto, {"cache_attention": False})
+    assert isinstance(chosen, longseq.AutoMemory) and chosen.training == "full" and not chosen.fsdp_cpu_offload
+    assert chosen.overrides == dict(tiled_loss=False, cache_attention=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     assert "planner" in longseq_unavailable(auto)[0] and longseq_unavailable(args) == []
     with pytest.raises(ContenderUnavailable, match="longseq cannot run here: --memory auto needs"):

@@ -15,7 +15,7 @@ import longseq
 from longseq.memory import MemoryConfig, offload_stats
 from longseq.memory.checkpoint_segments import Segment
 from longseq.memory.host_copy import HostCopy
-from longseq.parallel import ring as ring_module
+from longseq.parallel import varlen
 from tests.distributed import run_distributed
 from tests.models import batch, tiny_model
 from tests.test_attention_cache import _step_counting_kernel_calls
@@ -86,7 +86,7 @@ def test_when_the_earlier_checkpoint_comes_back(after_attention, monkeypatch):
     """prefetch_after_attention: during a layer's attention backward the earlier layer's checkpoint is not on the
     device yet; without it, it is (brought back one layer ahead). Results are exact either way."""
     copies, restored_at_attention = [], []
-    real_init, real_backward = HostCopy.__init__, ring_module.block_backward
+    real_init, real_backward = HostCopy.__init__, varlen.block_backward
 
     def init(self, x, *args):
         real_init(self, x, *args)
@@ -98,7 +98,7 @@ def test_when_the_earlier_checkpoint_comes_back(after_attention, monkeypatch):
         return real_backward(*args, **kwargs)
 
     monkeypatch.setattr(HostCopy, "__init__", init)
-    monkeypatch.setattr(ring_module, "block_backward", backward)
+    monkeypatch.setattr(varlen, "block_backward", backward)
     model = tiny_model(num_hidden_layers=3)
     memory = _memory(prefetch_after_attention=after_attention)
     compare(model, batch(**DATA), longseq.Mesh(), memory=memory)

@@ -11,7 +11,7 @@ import torch
 
 import longseq
 from longseq.memory import MemoryConfig
-from longseq.parallel import ring as ring_module
+from longseq.parallel import varlen
 from longseq.parallel.head_groups import HeadGroups, allowed_sizes
 from longseq.parallel.kernels import block_backward, block_forward
 from tests.models import batch, tiny_model
@@ -95,8 +95,8 @@ def test_model_with_one_head_per_call_equals_plain(monkeypatch):
     gradient equal the plain transformers model, packed documents, GQA; and the calls really were per head."""
     mesh, data = longseq.Mesh(), batch(130, rows=2, documents=[1, 50, 33, 46])
     calls = []
-    real = ring_module.block_backward
-    monkeypatch.setattr(ring_module, "block_backward",
+    real = varlen.block_backward
+    monkeypatch.setattr(varlen, "block_backward",
                         lambda *a, groups, **k: calls.append(groups.size(a[1], a[2])) or real(*a, groups=groups, **k))
     for memory in (MemoryConfig(attention_heads_per_call=1, tile_tokens=32, offload_min_bytes=0),
                    MemoryConfig(offload_min_bytes=0)):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import longseq
+from longseq.state import longseq_state
 from tests.distributed import run_distributed
-from tests.models import batch, tiny_model
+from tests.models import assert_grads_equal, batch, tiny_model
 from tests.test_ulysses import compare
 
 CASES = [
@@ -64,6 +65,39 @@ def _sliding_windows(sp: int, ring: int):
 @pytest.mark.parametrize("sp,ring", [(2, 2), (4, 2)])
 def test_ring_sliding_windows(sp, ring):
     run_distributed(_sliding_windows, sp, sp, ring)
+
+
+def _ring_extras():
+    """Note [Document placement] in the loss path: per-token loss weights move with their tokens; a forward of other
+    position_ids (the logits path, zigzag) between a loss forward and its backward leaves the backward's
+    recompute the placed documents. Loss and gradients equal one process's."""
+    mesh = longseq.init_mesh(sp=2, ring=2)
+    memory = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0)
+    data = batch(**CASES[1])
+    data["shift_loss_weights"] = torch.rand(data["input_ids"].shape, generator=torch.Generator().manual_seed(2))
+    single = longseq.apply(tiny_model("llama"), longseq.Mesh(), memory)
+    want = longseq.causal_lm_loss(single, longseq.shard_batch(data, longseq.Mesh()))
+    want.backward()
+    model = longseq.apply(tiny_model("llama"), mesh, memory)
+    local = longseq.shard_batch(data, mesh)
+    got = longseq.causal_lm_loss(model, local, mesh)
+    assert longseq_state(model).documents._placed[3] is not None  # the rows moved
+    with torch.no_grad():
+        model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+    got.backward()
+    longseq.sync_gradients(model, mesh)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_grads_equal(single, model)
+    # Ranks holding different numbers of tokens: the document placement raises on every rank, none hangs.
+    length = 8 + 2 * mesh.rank
+    local = {"input_ids": torch.zeros(1, length, dtype=torch.long), "shift_labels": torch.zeros(1, length).long(),
+             "position_ids": torch.arange(length)[None] + 100 * mesh.rank}
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        longseq.causal_lm_loss(longseq.apply(tiny_model("llama"), mesh), local, mesh)
+
+
+def test_ring_loss_weights_and_errors():
+    run_distributed(_ring_extras, 2)
 
 
 def test_ring_layout_errors():

@@ -25,9 +25,11 @@ def test_parallel_depends_on_nothing_built_on_it():
             assert not name.startswith(("longseq.memory", "longseq.models", "longseq.train")), (path.name, name)
 
 
-def test_ring_attention_depends_only_on_its_kernels_and_merge():
-    allowed = {"longseq.parallel.kernels", "longseq.parallel.merge", "longseq.parallel.local",
-               "longseq.parallel.window", "longseq.parallel.sinks", "longseq.parallel.head_groups"}
-    for name in ("ring.py", "kernels.py", "merge.py", "window.py", "sinks.py", "head_groups.py"):
+def test_ring_attention_depends_only_on_its_kernels_placement_and_merge():
+    allowed = {"longseq.parallel.kernels", "longseq.parallel.varlen", "longseq.parallel.merge",
+               "longseq.parallel.local", "longseq.parallel.window", "longseq.parallel.sinks",
+               "longseq.parallel.balance", "longseq.parallel.head_groups", "longseq.parallel.ring_plan"}
+    for name in ("ring.py", "ring_plan.py", "kernels.py", "varlen.py", "merge.py", "window.py", "sinks.py",
+                 "balance.py", "head_groups.py"):
         imports = _longseq_imports(SRC / "parallel" / name)
         assert imports <= allowed, name

@@ -13,12 +13,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longseq.parallel import kernels
-from longseq.parallel import ring as ring_module
-from longseq.parallel.balance import portion_positions
+from longseq.parallel import ring_plan
+from longseq.parallel.balance import document_layout, layout_order, portion_positions
 from longseq.parallel.kernels import block_forward
 from longseq.parallel.documents import document_boundaries
 from longseq.parallel.merge import merge_, new_accumulators
 from longseq.parallel.ring import ring_attention
+from longseq.parallel.varlen import Group
 from tests.distributed import run_distributed
 
 LOCAL_LEN = 24  # tokens per rank: two zigzag chunks of 12
@@ -83,23 +84,34 @@ def _reference(q, k, v, grad, boundaries, scale):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check_case(group, ring_size: int, rank: int, case: Case, kernel: str = "sdpa", backward: bool = True) -> None:
+def _check_case(group, ring_size: int, rank: int, case: Case, kernel: str = "sdpa", backward: bool = True,
+                documents: bool = False) -> None:
+    """documents: Note [Document placement] (per-row layouts) instead of zigzag."""
     length = ring_size * LOCAL_LEN
     (q, k, v, grad), boundaries = _inputs(case, length)
     scale = case.dim ** -0.5
     expected = _reference(q, k, v, grad, boundaries, scale)
-    pos = portion_positions(length, ring_size, rank)
-    local = [t[:, :, pos].clone().requires_grad_(backward) for t in (q, k, v)]
-    out = ring_attention(group, *local, scale=scale, boundaries=boundaries, kernel=kernel)
+    layouts = None
+    if documents:
+        layouts = [document_layout(row, ring_size) for row in boundaries or [[0, length]] * case.batch]
+        pos = torch.stack([layout_order(layout)[rank * LOCAL_LEN:(rank + 1) * LOCAL_LEN] for layout in layouts])
+    else:
+        pos = portion_positions(length, ring_size, rank).expand(case.batch, -1)
+
+    def mine(t):
+        return torch.stack([row[:, p] for row, p in zip(t, pos)])
+
+    local = [mine(t).requires_grad_(backward) for t in (q, k, v)]
+    out = ring_attention(group, *local, scale=scale, boundaries=boundaries, layouts=layouts, kernel=kernel)
     tol = BF16 if case.dtype == torch.bfloat16 else FP32
     assert out.dtype == case.dtype
     results = [out]
     if backward:
-        out.backward(grad[:, :, pos])
+        out.backward(mine(grad))
         results += [t.grad for t in local]
     for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected):
         torch.testing.assert_close(
-            got.double(), want[:, :, pos], **tol, msg=lambda m: f"{case.name}, R={ring_size}, {name}: {m}"
+            got.double(), mine(want), **tol, msg=lambda m: f"{case.name}, R={ring_size}, {name}: {m}"
         )
 
 
@@ -126,6 +138,7 @@ def _ring_cases(ring_size: int) -> None:
     group, rank = dist.group.WORLD, dist.get_rank()
     for case in CASES:
         _check_case(group, ring_size, rank, case)
+        _check_case(group, ring_size, rank, case, documents=True)
     _count_exchanges(group, ring_size)
     odd = torch.randn(1, 2, LOCAL_LEN - 1, 8)
     with pytest.raises(ValueError, match="S_local = 23 is odd"):
@@ -202,16 +215,24 @@ def test_no_group_is_local_attention(case):
     _check_case(None, 1, 0, case)
 
 
+def _calls(items) -> list:
+    """The dense calls of a step's items (a Group stands for several)."""
+    return [call for item in items for call in (item.calls if isinstance(item, Group) else (item,))]
+
+
+def _area(calls) -> float:
+    return sum((c.q.stop - c.q.start) * (c.k.stop - c.k.start) / (2 if c.causal else 1) for c in calls)
+
+
 def test_work_per_step_is_balanced_and_skips_masked_blocks():
     """One document: every rank computes 2·c² scores per step (a causal c×c square counts c²/2)."""
     ring_size, chunk = 4, LOCAL_LEN // 2
     for rank in range(ring_size):
-        (run,) = ring_module._plan(None, 2, LOCAL_LEN, ring_size, rank)
+        (run,) = ring_plan._plan(None, None, 2, LOCAL_LEN, ring_size, rank)
         assert run.rows == slice(0, 2)  # rows without documents are batched
-        for calls in run.steps:
-            area = sum((c.q.stop - c.q.start) * (c.k.stop - c.k.start) / (2 if c.causal else 1) for c in calls)
-            assert area == 2 * chunk * chunk
-            assert len(calls) <= 3
+        for items in run.steps:
+            assert _area(_calls(items)) == 2 * chunk * chunk
+            assert len(_calls(items)) <= 3
 
 
 def test_merge_rows_without_keys():

@@ -10,7 +10,7 @@ import torch
 
 from longseq.cli import main as cli_main
 from longseq.train.config import ConfigError
-from longseq.train.config_loader import field_docs, from_dict, load_config, sections
+from longseq.train.config_loader import field_docs, from_dict, load_config, sections, to_dict
 from longseq.train.demo import DEMO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,22 +26,34 @@ def test_yaml_then_overrides(tmp_path):
     assert config.optim.lr == 1e-4 and config.data.seq_len == 256
     assert config.data.paths == ["a.jsonl", "b.jsonl"]
     assert config.training.cpu_offload is True and config.checkpoint.keep is None
-    assert config.memory.tile_tokens == 512
+    assert config.memory.overrides == {"tile_tokens": 512}
 
 
 def test_memory_keys_set_only_themselves(tmp_path):
-    """The memory section's defaults are MemoryConfig()'s (all on); a key changes that key; false switches all off."""
-    from longseq import MemoryConfig
+    """The memory section defaults to auto (the plan's choice per batch shape); a key forces that key of it;
+    `auto: false` gives a MemoryConfig of exactly the keys given (others all on); false switches all off."""
+    from longseq import AutoMemory, MemoryConfig
 
-    assert load_config(None, [], base=MINIMAL).memory == MemoryConfig()
+    assert load_config(None, [], base=MINIMAL).memory.overrides == {}
     one_off = load_config(None, ["--memory.tiled_mlp=false"], base=MINIMAL).memory
-    assert one_off == MemoryConfig(tiled_mlp=False)
+    assert isinstance(one_off, AutoMemory) and one_off.overrides == {"tiled_mlp": False}
+    assert load_config(None, ["--memory=auto", "--memory.tiled_mlp=false"], base=MINIMAL).memory.overrides == \
+        {"tiled_mlp": False}
+    explicit = load_config(None, ["--memory.auto=false", "--memory.tiled_mlp=false"], base=MINIMAL).memory
+    assert explicit == MemoryConfig(tiled_mlp=False)
     assert load_config(None, ["--memory.tiled_mlp=false", "--memory=false"], base=MINIMAL).memory is None
     path = tmp_path / "off.yaml"
     path.write_text("model: {config: {model_type: llama}}\ndata: {paths: [a.jsonl]}\nmemory: false\n")
     assert load_config(path).memory is None
     with pytest.raises(ConfigError, match="memory is switched off .*drop `memory: false`"):
         load_config(path, ["--memory.tiled_loss=true"])
+    path.write_text("model: {config: {model_type: llama}}\ndata: {paths: [a.jsonl]}\nmemory: auto\n")
+    assert load_config(path, ["--memory.tiled_loss=false"]).memory.overrides == {"tiled_loss": False}
+    for config in (one_off, explicit, None):  # a run's config.yaml reads back as the same config
+        whole = load_config(None, [], base=MINIMAL)
+        whole.memory = config
+        again = load_config(None, [], base=to_dict(whole)).memory
+        assert again == config if not isinstance(config, AutoMemory) else again.overrides == config.overrides
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -5,9 +5,10 @@ from longseq.loss import LossConfig, causal_lm_loss
 from longseq.memory.config import MemoryConfig
 from longseq.mesh import Mesh, init_mesh
 from longseq.models.apply import apply
+from longseq.models.auto_memory import AutoMemory, memory_config_in_use
 from longseq.parallel.gradients import sync_gradients
 
 __all__ = [
-    "LossConfig", "Mesh", "MemoryConfig", "apply", "causal_lm_loss", "gather_sequence", "init_mesh", "shard_batch",
-    "shard_loader", "sync_gradients",
+    "AutoMemory", "LossConfig", "Mesh", "MemoryConfig", "apply", "causal_lm_loss", "gather_sequence", "init_mesh",
+    "memory_config_in_use", "shard_batch", "shard_loader", "sync_gradients",
 ]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from longseq.memory.checkpoint_offload import CheckpointOffloader
     from longseq.memory.config import MemoryConfig
     from longseq.mesh import Mesh
+    from longseq.models.auto_memory import AutoPlanner
     from longseq.models.hybrid import LinearAttention
     from longseq.parallel.attention import Documents
     from longseq.router_loss import RouterLoad
@@ -30,7 +31,11 @@ class LongseqState:
     mesh: Mesh | None = None
     """The mesh longseq.apply was given; None where only memory features were applied (apply_memory)."""
     memory: MemoryConfig | None = None
-    """The memory features longseq.apply switched on; its loss passes them to the tiled loss."""
+    """The memory features in use; its loss passes them to the tiled loss. Under "auto" the object every wrapper
+    reads, rewritten for each batch shape."""
+    auto_memory: AutoPlanner | None = None
+    """With longseq.apply(..., "auto"): the planner that writes each batch shape's plan into `memory` (Note
+    [Automatic memory] in models/auto_memory.py); None otherwise."""
     loss: LossConfig | None = None
     """The loss options longseq.apply was given (label smoothing, z-loss); None: plain cross-entropy."""
     attention: str | None = None

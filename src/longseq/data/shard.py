@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from longseq.loss import IGNORE_INDEX
 from longseq.mesh import Mesh
-from longseq.parallel.balance import natural_order, zigzag_order
+from longseq.parallel.balance import Layout, document_layout, layout_order, natural_order, zigzag_order
+from longseq.parallel.documents import check_equal_slices, document_boundaries, is_single_document
 
 
 def slices_per_row(mesh: Mesh) -> int:
@@ -124,3 +125,30 @@ def gather_sequence(local: torch.Tensor, mesh: Mesh, length: int | None = None) 
     permuted = torch.cat(pieces, dim=1)
     natural = natural_order(permuted, mesh.ring)
     return natural if length is None else natural[:, :length]
+
+
+def place_documents(tokens: list[torch.Tensor], mesh: Mesh) -> tuple[list, list[list[int]], list[Layout] | None]:
+    """Move this rank's (B, s) token tensors from zigzag to Note [Document placement] (balance.py).
+
+    tokens: this rank's slices from shard_batch, position_ids first. Returns the same tensors holding this rank's
+    tokens of the new placement (same shapes), the rows' document boundaries, and their layouts (None: every row is
+    one document, zigzag already balances it, and nothing moved).
+    """
+    check_equal_slices(tokens[0], mesh.sp_group, mesh.sp)
+    positions = gather_sequence(tokens[0], mesh)
+    boundaries = document_boundaries(positions)
+    if mesh.ring == 1 or is_single_document(boundaries):
+        return tokens, boundaries, None
+    layouts = [document_layout(row, mesh.ring) for row in boundaries]
+    s = tokens[0].shape[1]
+    first = mesh.ring_rank * s * mesh.ulysses + mesh.ulysses_rank * s
+    index = torch.stack([layout_order(layout)[first:first + s] for layout in layouts]).to(positions.device)
+    full = [positions] + [_gathered(t, mesh) for t in tokens[1:]]
+    return [t.gather(1, index) for t in full], boundaries, layouts
+
+
+def _gathered(local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """gather_sequence, with bool tensors (token_mask) travelling as bytes: not every backend gathers bool."""
+    if local.dtype == torch.bool:
+        return gather_sequence(local.view(torch.uint8), mesh).view(torch.bool)
+    return gather_sequence(local, mesh)

@@ -131,6 +131,7 @@ class AttentionPhase:
         self.kept.backward_done()
 
 
+@torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
 def attention_phases(state: LongseqState, index: int):
     """checkpoint's context_fn for layer `index` of the model whose state is `state`: the (forward, recompute)
     contexts that keep attention outputs and replay them (Note [Attention output cache])."""

@@ -76,21 +76,32 @@ class CheckpointOffloader:
     forward in progress."""
 
     def __init__(self, state: LongseqState, config: MemoryConfig, num_layers: int):
-        self.state, self.min_bytes, self.num_layers = weakref.ref(state), config.offload_min_bytes, num_layers
-        self.layers_per_checkpoint = config.layers_per_checkpoint
-        self.first_kept = num_layers - config.keep_last_layers_on_gpu
-        on_gpu = config.keep_last_attention_on_gpu
-        self.first_attention_kept = num_layers - (config.keep_last_layers_on_gpu if on_gpu is None else on_gpu)
-        self.cache_attention = config.cache_attention
-        self.prefetch_after_attention = config.prefetch_after_attention
+        self.state, self.num_layers = weakref.ref(state), num_layers
         self.budget = HostBudget(config.host_memory_gib)
         self.arena: HostArena | None = None  # made at the first offload, when the budget is fixed
         self.stats = OffloadStats()
+        self.configure(config)
         self.stream = None
         self.last_record = None  # weak reference to the latest checkpoint record of this forward
         self.last_attention = None  # weak reference to the last KeptAttention of this forward
         self.checkpoint_bytes = 0  # host bytes of one offloaded checkpoint, this forward
         self.saved = weakref.WeakValueDictionary()
+
+    def configure(self, config: MemoryConfig) -> None:
+        """Take `config`'s settings; between steps only, never while a forward's backward is pending (Note
+        [Automatic memory] in models/auto_memory.py). A new host_memory_gib moves the budget and the arena's limit
+        (the arena keeps the chunks it has: Note [Host arena])."""
+        self.enabled = config.offload_checkpoints
+        self.min_bytes, self.layers_per_checkpoint = config.offload_min_bytes, config.layers_per_checkpoint
+        self.first_kept = self.num_layers - config.keep_last_layers_on_gpu
+        on_gpu = config.keep_last_attention_on_gpu
+        self.first_attention_kept = self.num_layers - (config.keep_last_layers_on_gpu if on_gpu is None else on_gpu)
+        self.cache_attention = config.cache_attention
+        self.prefetch_after_attention = config.prefetch_after_attention
+        if self.budget.gib != config.host_memory_gib:
+            self.budget.set(config.host_memory_gib)
+            if self.arena is not None:
+                self.stats.budget_bytes = self.arena.limit = self.budget.fix()
 
     def host_has_room(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit in the host budget (Note [Host budget]); the first call fixes the budget."""
@@ -150,6 +161,7 @@ class CheckpointOffloader:
             self.checkpoint_bytes = handle.size
         return x if handle is None else handle
 
+    @torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
     def hooks(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:
         """Pack/unpack hooks for layer `index`'s checkpoint; layer 0 starts a new forward."""
         if index == 0:
@@ -174,6 +186,7 @@ class CheckpointOffloader:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    @torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones
     def new_segment(self, index: int) -> Segment:
         """The record of the segment that layer `index` starts (Note [Checkpoint segments])."""
         stop = min(index + self.layers_per_checkpoint, self.num_layers)
@@ -186,15 +199,15 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if getattr(self, "gradient_checkpointing", False):
         raise RuntimeError(_DOUBLE_CHECKPOINT)
     plain = self._longseq_inner_forward
-    if not (self.training and torch.is_grad_enabled()):
+    state, index = self._longseq_offload
+    offloader = state.offloader
+    if not (self.training and torch.is_grad_enabled() and offloader.enabled):
         return plain(*args, **kwargs)
     for name in _CACHE_KWARGS:
         if kwargs.get(name) is not None:
             kwargs[name] = None
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
-    state, index = self._longseq_offload
-    offloader = state.offloader
     with offloader.hooks(index):
         if offloader.layers_per_checkpoint > 1:
             offloader.record_of(index).remember_call(index, self, args, kwargs)

@@ -63,7 +63,16 @@ class HostArena:
 
     def has_room(self, nbytes: int) -> bool:
         """Whether `nbytes` more could be allocated now (growing the arena within its limit if need be)."""
-        return self.pages(nbytes) <= self._ready() + self._pending() + self._growable_pages()
+        need = self.pages(nbytes)
+        return need <= self._ready() + self._pending() + self._growable_pages() and self._under_limit(need)
+
+    def _under_limit(self, need: int) -> bool:
+        """Whether `need` more pages keep the live pages within the limit, which may have been lowered below the
+        arena's size (a shorter batch's host budget: the chunks stay, only what is live is bounded)."""
+        if self.limit is None:
+            return True
+        live = self.size // self.page_bytes - self._ready() - self._pending()
+        return (live + need) * self.page_bytes <= self.limit
 
     def allocate(self, nbytes: int) -> list[Run] | None:
         """Runs of pages holding at least `nbytes`, or None where the limit leaves no room. Pages whose copies are
@@ -71,6 +80,8 @@ class HostArena:
         need = self.pages(nbytes)
         if need == 0:  # an empty tensor: nothing to hold (a full arena has no run to cut zero pages from)
             return []
+        if not self._under_limit(need):
+            return None
         self._reclaim_completed()
         while self._ready() + self._pending() < need:
             if not self._grow():

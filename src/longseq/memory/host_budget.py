@@ -34,18 +34,35 @@ class HostBudget:
         self.reserved = 0  # bytes the step allocates on the host later (reserve_host_memory)
         self.fixed = False
         self.limit: int | None = None
+        self.automatic: int | None = None  # the automatic budget, once worked out
 
     def fix(self) -> int | None:
         """The budget in bytes (None: unbounded); the first call fixes it."""
         if not self.fixed:
             self.fixed = True
-            self.limit = int(self.gib * 2**30) if self.gib is not None else _automatic_budget(self.reserved)
+            if self.gib is None and self.automatic is None:
+                self.automatic = _automatic_budget(self.reserved)
+            self.limit = int(self.gib * 2**30) if self.gib is not None else self.automatic
         return self.limit
+
+    def set(self, gib: float | None) -> None:
+        """A new MemoryConfig.host_memory_gib (a new batch shape's plan, Note [Automatic memory]); the automatic
+        budget, where it returns to None, is the one worked out first."""
+        self.gib = gib
+        if self.fixed:
+            self.fixed = False
+            self.fix()
 
 
 def _host_total() -> int | None:
     """MemTotal in bytes from /proc/meminfo; None where there is none (not Linux)."""
     return _meminfo_bytes("/proc/meminfo", "MemTotal")
+
+
+def host_total_gib() -> float:
+    """MemTotal in GiB (64 where /proc/meminfo is missing: not Linux)."""
+    total = _host_total()
+    return total / 2**30 if total is not None else 64.0
 
 
 def _resident_bytes() -> int:

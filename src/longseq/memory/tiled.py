@@ -150,12 +150,14 @@ def norm_tile_tokens(config: MemoryConfig, hidden_size: int, batch: int) -> int:
 
 
 def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    plain = self._longseq_inner_forward
+    plain, config = self._longseq_inner_forward, self._longseq_tile_config
+    if not config.tiled_mlp:  # switched off for this batch shape (Note [Automatic memory])
+        return plain(x)
     batch = x[..., 0, 0].numel()
-    tile = mlp_tile_tokens(self._longseq_tile_config, self._longseq_intermediate, batch, x.dtype)
+    tile = mlp_tile_tokens(config, self._longseq_intermediate, batch, x.dtype)
     if x.shape[-2] <= tile:
         return plain(x)
-    fused = _through_norm(self, plain, x, tile)
+    fused = _through_norm(self, plain, x, tile) if _fuses_norms(config) else None
     if fused is not None:
         return fused
     params = [p for p in self.parameters() if p.requires_grad]
@@ -163,10 +165,9 @@ def _tiled_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    plain = self._longseq_inner_forward
-    if not torch.is_grad_enabled():
+    plain, config = self._longseq_inner_forward, self._longseq_tile_config
+    if not (config.tiled_norms and torch.is_grad_enabled()):
         return plain(x)
-    config = self._longseq_tile_config
     tile = norm_tile_tokens(config, x.shape[-1], x[..., 0, 0].numel())
     params = [p for p in self.parameters() if p.requires_grad]
     out = TiledFunction.apply(plain, tile, x, *params)
@@ -179,11 +180,17 @@ def _tiled_reader_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> 
     """A linear layer that reads a norm's output (an attention input projection): fused with the norm when it is
     handed the output of one (Note [Tiled compute])."""
     plain = self._longseq_inner_forward
-    if args or kwargs or not torch.is_grad_enabled():
+    if args or kwargs or not torch.is_grad_enabled() or not _fuses_norms(self._longseq_tile_config):
         return plain(x, *args, **kwargs)
     tile = norm_tile_tokens(self._longseq_tile_config, x.shape[-1], x[..., 0, 0].numel())
     fused = _through_norm(self, plain, x, tile) if x.shape[-2] > tile else None
     return plain(x) if fused is None else fused
+
+
+def _fuses_norms(config: MemoryConfig) -> bool:
+    """Whether the norms' readers recompute them (read at each call: the config may change between batch shapes,
+    Note [Automatic memory] in models/auto_memory.py)."""
+    return config.tiled_norms and config.fuse_norms
 
 
 def _through_norm(reader: nn.Module, plain, x: torch.Tensor, tile: int) -> torch.Tensor | None:

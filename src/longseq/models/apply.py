@@ -13,20 +13,26 @@ import types
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+from longseq.data.shard import place_documents
 from longseq.loss import LossConfig, cross_entropy_sum, global_mean
 from longseq.memory import MemoryConfig, apply_memory, lm_head_cross_entropy_sum
 from longseq.mesh import Mesh
 from longseq.models.anatomy import find_causal_lm, has_attention_sinks
+from longseq.models.auto_memory import AutoMemory, install_auto_memory
 from longseq.models.moe import apply_experts, new_router_load
 from longseq.models.hybrid import apply_linear_attention, refuse_unshardable_mixers
 from longseq.parallel.attention import register_attention
+from longseq.parallel.attention_op import state_of
 from longseq.router_loss import global_router_loss
 from longseq.state import LongseqState, attach_state
 
 
-def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *, attention: str | None = None,
-          loss: LossConfig | None = None, linear_attention: str = "auto"):
+def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | AutoMemory | str | None = None, *,
+          attention: str | None = None, loss: LossConfig | None = None, linear_attention: str = "auto"):
     """Enable sequence parallelism over `mesh` and the `memory` features; returns the same model object.
+
+    memory: a MemoryConfig (those features, always), "auto" or an AutoMemory (the planner's choice for each batch
+    shape, Note [Automatic memory]; longseq.memory_config_in_use(model) tells which), or None (none).
 
     attention: the kernel run on the gathered sequence ('sdpa', 'flash_attention_2', ...); default: the one the
     model was loaded with. 'sdpa' also serves classes that transformers won't load with it (Gemma-2) once their
@@ -47,6 +53,12 @@ def apply(model, mesh: Mesh | None = None, memory: MemoryConfig | None = None, *
     mesh = mesh or Mesh()
     if mesh.sp > 1:
         refuse_unshardable_mixers(causal)
+    auto = AutoMemory() if memory == "auto" else memory if isinstance(memory, AutoMemory) else None
+    if isinstance(memory, str) and auto is None:
+        raise ValueError(f"longseq.apply(memory={memory!r}): pass 'auto', an AutoMemory, a MemoryConfig or None.")
+    if auto is not None:
+        memory = auto.installed()
+        install_auto_memory(causal, state, auto)
     routed = apply_experts(causal, state, memory) is not None
     if mesh.sp > 1 or _runs_longseq_attention(causal, memory, attention or causal.config._attn_implementation):
         config = causal.config
@@ -109,6 +121,11 @@ def _make_forward(original, routed: bool):
         if shift_labels is None:
             return original(*args, **kwargs)
         state: LongseqState = self._longseq
+        if not args:
+            kwargs, per_token = _place_documents(state, kwargs, dict(
+                shift_labels=shift_labels, shift_loss_weights=shift_loss_weights, token_mask=token_mask))
+            shift_labels, shift_loss_weights, token_mask = (
+                per_token.get(name) for name in ("shift_labels", "shift_loss_weights", "token_mask"))
         load = None
         if routed:
             kwargs["output_router_logits"] = False  # transformers would keep every layer's logits; longseq sums
@@ -126,6 +143,51 @@ def _make_forward(original, routed: bool):
         return MoeCausalLMOutputWithPast(loss=loss + self.config.router_aux_loss_coef * aux, aux_loss=aux)
 
     return forward
+
+
+def _place_documents(state: LongseqState, kwargs: dict, per_token: dict) -> tuple[dict, dict]:
+    """With a ring, move the batch's tokens to Note [Document placement] (the loss does not depend on which rank
+    holds a token): input_ids, position_ids and the loss's per-token inputs (`per_token`; None values are left out).
+    Left in zigzag: without a ring, with other per-token inputs (e.g. inputs_embeds), which would have to move too,
+    and in linear-attention hybrids, whose state passing follows the zigzag order (parallel/linear_attention.py).
+    """
+    mesh = state.mesh
+    position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+    per_token = {name: value for name, value in per_token.items() if value is not None}
+    if (mesh is None or mesh.ring == 1 or state.attention is None or state.linear_attention is not None
+            or position_ids is None or input_ids is None):
+        return kwargs, per_token
+    others = {name for name, value in kwargs.items()
+              if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape}
+    if others - {"input_ids", "position_ids", "attention_mask"}:
+        return kwargs, per_token
+    names = ["position_ids", "input_ids", *per_token]
+    tokens = [position_ids, input_ids, *per_token.values()]
+    if torch.compiler.is_compiling():
+        placed = torch.ops.longseq.place_documents(tokens, state.attention)
+    else:
+        placed = _place(tokens, state)
+    placed = dict(zip(names, placed))
+    return {**kwargs, "input_ids": placed.pop("input_ids"), "position_ids": placed.pop("position_ids")}, placed
+
+
+@torch.library.custom_op("longseq::place_documents", mutates_args=())
+def _place_documents_op(tokens: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """(B, s) tensors, position_ids first, moved to Note [Document placement]: one operator, so that compiled code
+    sees no data-dependent Python (Note [Attention as one operator]). Records the placed documents for the attention
+    of the model whose attention function is `name`."""
+    return [t.clone() for t in _place(tokens, state_of(name))]  # an operator's outputs may alias nothing
+
+
+def _place(tokens: list[torch.Tensor], state: LongseqState) -> list[torch.Tensor]:
+    placed, boundaries, layouts = place_documents(tokens, state.mesh)
+    state.documents.place(placed[0], boundaries, layouts)
+    return placed
+
+
+@_place_documents_op.register_fake
+def _(tokens, name):
+    return [torch.empty_like(t) for t in tokens]
 
 
 def _loss_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, state: LongseqState,

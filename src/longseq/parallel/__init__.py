@@ -7,6 +7,9 @@
     merge.py        merged exactly by log-sum-exp;
     window.py       Note [Sliding windows on blocks]: blocks a sliding window cuts, as fp32 bands
     sinks.py        Note [Attention sinks]: a learned per-head logit merged like one more key
+    ring_plan.py    Note [Ring plan]: each rank's kernel calls per ring step, for packed documents and any layout
+    varlen.py       Note [Variable-length blocks]: adjacent calls as one variable-length kernel call
+    head_groups.py  Note [Attention head groups]: kernel calls over groups of heads
     balance.py    Note [Zigzag placement]: which chunks of the sequence each ring rank holds
     local.py      causal SDPA over a whole gathered sequence: per document, sliding windows without S×S masks
     documents.py  document boundaries from position_ids

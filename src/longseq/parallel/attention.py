@@ -6,13 +6,13 @@ applied model that runs: Ulysses all-to-all (Note [Ulysses all-to-all]) → the 
 documents are read from position_ids instead (parallel/documents.py), once per forward pass.
 
 Dispatch, on the gathered sequence (in this order):
-1. longseq's block kernels (kernels.py, through ring.ring_attention over the ring group): when ring > 1 (on SDPA or
-   FlexAttention), for layers with attention sinks (GPT-OSS's `s_aux`, Note [Attention sinks]) on either, and with
-   SDPA also when ring = 1, where the layer fits them (no sliding window, no dropout, half precision on CUDA). With
-   ring = 1 there is no ring at all: one causal block per document, no exchange. Sliding windows cut the blocks
-   (Note [Sliding windows on blocks]). They return the log-sum-exp, so the layer's output can be kept for backward:
-   the attention function passes the model's current attention cache (LongseqState.attention_cache) to them
-   (Note [Attention output cache]).
+1. longseq's block kernels (kernels.py, through ring.py over the ring group, as the one operator of Note [Attention as
+   one operator] in attention_op.py): when ring > 1 (on SDPA or FlexAttention), for layers with attention sinks
+   (GPT-OSS's `s_aux`, Note [Attention sinks]) on either, and with SDPA also when ring = 1, where the layer fits them
+   (no sliding window, no dropout, half precision on CUDA). With ring = 1 there is no ring at all: one causal block
+   per document, no exchange. Sliding windows cut the blocks (Note [Sliding windows on blocks]). They return the
+   log-sum-exp, so the layer's output can be kept for backward: the operator passes the model's current attention
+   cache (LongseqState.attention_cache) to them (Note [Attention output cache]).
 2. flex_attention: the model's FlexAttention with a BlockMask of causal, same-document (and sliding-window) blocks.
 3. sdpa (sliding windows, dropout, fp32 on CUDA): local.causal_attention, one SDPA call per document.
 4. flash_attention_2/3: the model's own kernel, with position_ids restarting at each document (and this rank's
@@ -31,14 +31,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longseq.mesh import Mesh
 from longseq.parallel import kernels
+from longseq.parallel.attention_op import block_attention, register_state
 from longseq.parallel.balance import natural_order
-from longseq.parallel.documents import document_boundaries, is_single_document
+from longseq.parallel.documents import check_equal_slices, document_boundaries, is_single_document
 from longseq.parallel.head_groups import HeadGroups
 from longseq.parallel.local import causal_attention
-from longseq.parallel.ring import ring_attention
 from longseq.parallel.ulysses import heads_to_sequence_split, kv_replication, sequence_to_heads_split
 from longseq.state import LongseqState
 
+_NO_POSITIONS = ("Sequence-parallel attention needs position_ids (each rank holds a slice of the sequence, so "
+                 "positions cannot be inferred). Pass the batch through longseq.shard_batch, which provides them.")
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # longseq's block kernels (kernels.py) for each attn_implementation they serve (ring attention runs only on these).
 BLOCK_KERNELS = {"sdpa": "sdpa", "flex_attention": "flex"}
@@ -82,47 +84,60 @@ def _check_installed(implementation: str) -> None:
 
 
 class Documents:
-    """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer."""
+    """The whole sequence's document boundaries, gathered once per forward pass and reused by every layer; and those
+    of the batch the loss path placed (Note [Document placement]), kept apart so that another forward in between
+    (e.g. logits) does not take them from that batch's backward."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
-        self._key = None
-        self._boundaries = None
+        self._gathered = None  # (position_ids, version, boundaries)
+        self._placed = None  # (position_ids, version, boundaries, layouts)
         self._block_masks = {}
 
+    def place(self, position_ids: torch.Tensor, boundaries: list[list[int]], layouts) -> None:
+        """Record the documents and per-row ring layouts (None: zigzag) of position_ids that
+        data.shard.place_documents has placed: the layers of the forward pass (and their recompute in backward) read
+        them instead of gathering."""
+        self._placed = (position_ids, position_ids._version, boundaries, layouts)
+
     def __call__(self, position_ids: torch.Tensor | None) -> list[list[int]]:
+        return self.lookup(position_ids)[0]
+
+    @torch.compiler.disable  # host-side: Note [Attention as one operator]
+    def lookup(self, position_ids: torch.Tensor | None) -> tuple[list[list[int]], list | None]:
+        """The boundaries of the rows these position_ids belong to, and their ring layouts (None: zigzag)."""
         if position_ids is None:
-            raise ValueError(
-                "Sequence-parallel attention needs position_ids (each rank holds a slice of the sequence, so "
-                "positions cannot be inferred). Pass the batch through longseq.shard_batch, which provides them."
-            )
-        key = (position_ids, position_ids._version)
-        if self._key is None or self._key[0] is not key[0] or self._key[1] != key[1]:
-            self._boundaries = document_boundaries(self._gather(position_ids))
-            self._key = key
+            raise ValueError(_NO_POSITIONS)
+        if self._is_placed(position_ids):
+            return self._placed[2], self._placed[3]
+        held = self._gathered
+        if held is None or held[0] is not position_ids or held[1] != position_ids._version:
+            self._gathered = (position_ids, position_ids._version, document_boundaries(self._gather(position_ids)))
             self._block_masks = {}
-        return self._boundaries
+        return self._gathered[2], None
+
+    def _is_placed(self, position_ids: torch.Tensor) -> bool:
+        """The placed tensor itself, or (documents that moved, which gathering could not recover) one of equal
+        values, as when compiled code passes another tensor object."""
+        if self._placed is None:
+            return False
+        held, version, _, layouts = self._placed
+        if held is position_ids:
+            return version == position_ids._version
+        return layouts is not None and held.shape == position_ids.shape and bool(torch.equal(held, position_ids))
 
     def block_mask(self, window: int | None, length: int, device):
-        """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward."""
+        """FlexAttention's BlockMask for causal attention within documents (and a sliding window), per forward
+        (the path without a ring, so of gathered documents)."""
         if window not in self._block_masks:
-            self._block_masks[window] = document_block_mask(self._boundaries, window, length, device)
+            self._block_masks[window] = document_block_mask(self._gathered[2], window, length, device)
         return self._block_masks[window]
 
     def _gather(self, position_ids: torch.Tensor) -> torch.Tensor:
         mesh = self.mesh
         if mesh.sp == 1:
             return position_ids
-        # all_gather with a list: the one form that gloo, NCCL and every supported torch accept without warnings.
-        lengths = [torch.zeros(1, dtype=torch.long, device=position_ids.device) for _ in range(mesh.sp)]
-        dist.all_gather(lengths, torch.tensor([position_ids.shape[1]], device=position_ids.device),
-                        group=mesh.sp_group)
-        lengths = torch.cat(lengths)
-        if lengths.min() != lengths.max():
-            raise ValueError(
-                f"Sequence-parallel ranks hold different numbers of tokens ({lengths.tolist()}); every rank of the "
-                "sp group must hold an equal slice. Use longseq.shard_batch, which pads and slices the batch."
-            )
+        check_equal_slices(position_ids, mesh.sp_group, mesh.sp)
         pieces = [torch.empty_like(position_ids) for _ in range(mesh.sp)]
         dist.all_gather(pieces, position_ids.contiguous(), group=mesh.sp_group)
         pieces = torch.stack(pieces)
@@ -162,15 +177,21 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
                                  "that longseq.apply did not shard (or load the trained weights into a plain one).")
             return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        boundaries = documents(kwargs.get("position_ids"))
+        position_ids = kwargs.get("position_ids")
+        if not torch.compiler.is_compiling():  # before the exchange: ranks of unequal slices raise, none hangs
+            documents(position_ids)
+        if _runs_own_sdpa(mesh, implementation, held.memory, documents, position_ids, kwargs.get("s_aux")):
+            return inner(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
         q, k, v = heads_to_sequence_split(mesh.ulysses_group, query, key, value, replicate)
         window = kwargs.get("sliding_window")
         sinks = _local_sinks(kwargs.get("s_aux"), mesh, q.shape[1])
         if (mesh.ring > 1 or (sinks is not None and implementation in BLOCK_KERNELS)
                 or (implementation == "sdpa" and _fits_block_kernels(q, window, dropout))):
-            out = _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, BLOCK_KERNELS[implementation],
-                                   held.attention_cache, sinks, _head_groups(held.memory))
-        elif implementation == "flex_attention":
+            out = _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout,
+                                   BLOCK_KERNELS[implementation], sinks, _head_groups(held.memory))
+            return sequence_to_heads_split(mesh.ulysses_group, out), None
+        boundaries = documents(position_ids)
+        if implementation == "flex_attention":
             block_mask = documents.block_mask(window, q.shape[2], q.device)
             out, _ = inner(module, q, k, v, block_mask, scaling=scale, dropout=dropout,
                            kernel_options=kwargs.get("kernel_options"))
@@ -184,8 +205,19 @@ def register_attention(state: LongseqState, mesh: Mesh, implementation: str, num
 
     name = f"longseq_sp_{next(_names)}"
     AttentionInterface.register(name, attention)
+    register_state(name, state)
     state.attention = name
     return name
+
+
+def _runs_own_sdpa(mesh: Mesh, implementation: str, memory, documents, position_ids, sinks) -> bool:
+    """On one GPU, the model's own SDPA (causal, no mask) serves a batch of one document per row whose attention
+    outputs are not kept: what a plain model runs. Only `longseq.apply(..., "auto")` reaches this with such a batch
+    (an explicit MemoryConfig installs longseq's attention on one GPU only to keep outputs, or for sinks), when the
+    plan for the batch's shape keeps no outputs (Note [Automatic memory] in models/auto_memory.py)."""
+    keeps = memory is not None and memory.offload_checkpoints and memory.cache_attention
+    return (mesh.sp == 1 and implementation == "sdpa" and sinks is None and not keeps
+            and is_single_document(documents(position_ids)))
 
 
 def _fits_block_kernels(q: torch.Tensor, window: int | None, dropout: float) -> bool:
@@ -211,19 +243,20 @@ def _head_groups(memory) -> HeadGroups:
     return HeadGroups(heads=memory.attention_heads_per_call, memory_mib=memory.attention_memory_mib)
 
 
-def _block_attention(mesh, q, k, v, scale, boundaries, window, dropout, kernel, cache, sinks, groups):
+def _block_attention(name, mesh, q, k, v, position_ids, scale, window, dropout, kernel, sinks,
+                     groups: HeadGroups) -> torch.Tensor:
     """longseq's block kernels over the ring group (ring = 1: one causal block per document, no ring), with the
-    layer's attention cache (None outside a checkpointed layer), sliding window and sinks."""
+    sliding window and sinks, as one operator (Note [Attention as one operator]); returns (B, S, H, D)."""
     if dropout:
         raise ValueError(
             "Ring attention and attention sinks run on longseq's block kernels, which do not support attention "
             "dropout; set attention_dropout=0 in the config (or evaluate with model.eval())."
         )
-    out = ring_attention(mesh.ring_group, q, k, v, scale=scale,
-                         boundaries=None if is_single_document(boundaries) else boundaries, kernel=kernel, cache=cache,
-                         window=window if window is not None and window < q.shape[2] * mesh.ring else None,
-                         sinks=sinks, groups=groups)
-    return out.transpose(1, 2)
+    if position_ids is None:
+        raise ValueError(_NO_POSITIONS)
+    window = window if window is not None and window < q.shape[2] * mesh.ring else None
+    return block_attention(q, k, v, position_ids, name=name, scale=scale, kernel=kernel, window=window, sinks=sinks,
+                           groups=groups)
 
 
 def document_block_mask(boundaries: list[list[int]], window: int | None, length: int, device):

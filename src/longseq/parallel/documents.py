@@ -7,6 +7,7 @@ sequences), so both "restart at 0" packing and any other jump mark a boundary.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def document_boundaries(position_ids: torch.Tensor) -> list[list[int]]:
@@ -27,3 +28,17 @@ def document_boundaries(position_ids: torch.Tensor) -> list[list[int]]:
 def is_single_document(boundaries: list[list[int]]) -> bool:
     """Whether every row of `boundaries` holds one document."""
     return all(len(row) == 2 for row in boundaries)
+
+
+def check_equal_slices(local: torch.Tensor, group, size: int) -> None:
+    """Raise on every rank of `group` (of `size` ranks) unless all hold as many tokens (dim 1) as this one: a
+    collective over unequal slices would fail on one rank and hang the others."""
+    # all_gather with a list: the one form that gloo, NCCL and every supported torch accept without warnings.
+    lengths = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([local.shape[1]], device=local.device), group=group)
+    lengths = torch.cat(lengths)
+    if lengths.min() != lengths.max():
+        raise ValueError(
+            f"Sequence-parallel ranks hold different numbers of tokens ({lengths.tolist()}); every rank of the "
+            "sp group must hold an equal slice. Use longseq.shard_batch, which pads and slices the batch."
+        )

@@ -19,14 +19,7 @@ Every rank computes two c×c blocks' worth per step: its own two causal squares 
 either both its q chunks against the sender's early chunk (sender < r) or its late q chunk against both of the
 sender's chunks (sender > r).
 
-Packed documents (contiguous global ranges; a token attends to earlier tokens of its own document) need no mask:
-- a causal square is cut into the document segments inside the chunk, one causal square each;
-- a full block (k chunk j strictly before q chunk i) meets at most one document, the one holding the last token of
-  k chunk j, and only if it reaches into q chunk i. Then its q tokens (a prefix of chunk i) attend to its k tokens
-  (a suffix of chunk j), unmasked; every other q row gets nothing from this block.
-
-        k chunk j: [ x x x | y y y y y ]          q chunk i: [ y y y | z z z z z ]
-        block computed: q rows of y (prefix of i) × k columns of y (suffix of j)
+Packed documents need no mask: they cut the blocks into kernel calls (Note [Ring plan], ring_plan.py).
 
 Each block returns (out, lse); the exact merge (merge.py) keeps an fp32 accumulator, where lse = −inf means "no key
 yet". Every token sees at least itself, so no row ends with −inf.
@@ -44,88 +37,62 @@ sinks], sinks.py).
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
+from longseq.parallel.balance import Layout
 from longseq.parallel.head_groups import ALL_HEADS, HeadGroups
-from longseq.parallel.kernels import KERNELS, block_backward, block_forward
 from longseq.parallel.merge import accumulation_dtype, merge_, new_accumulators
+from longseq.parallel.ring_plan import Run, ring_plan, ring_size_of
 from longseq.parallel.sinks import merge_sink, sink_gradient
-from longseq.parallel.window import band_backward, band_forward, window_cut
+from longseq.parallel.varlen import Call, call_backward, call_forward, item_backward, item_forward
 
 _KV_TAG, _GRAD_TAG = 0, 1  # distinct tags keep the two streams apart on gloo (NCCL keeps them in posting order)
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    index: int  # global chunk number
-    local: int  # offset in this rank's portion
-    start: int  # global token offset
-    length: int
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One kernel call: local q positions × held k positions."""
-
-    q: slice
-    k: slice
-    causal: bool
-    band: tuple[int, int] | None = None
-    """(offset, window) of a block a sliding window cuts (Note [Sliding windows on blocks]); None: no cut."""
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive batch rows with the same documents, and their kernel calls per ring step."""
-
-    rows: slice
-    steps: list[list[_Call]]
-
-
 def ring_attention(
-    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, kernel: str = "sdpa", cache=None,
-    window: int | None = None, sinks: torch.Tensor | None = None, groups: HeadGroups = ALL_HEADS,
+    group, q, k, v, *, scale: float, boundaries: list[list[int]] | None = None, layouts: list[Layout] | None = None,
+    kernel: str = "sdpa", cache=None, window: int | None = None, sinks: torch.Tensor | None = None,
+    groups: HeadGroups = ALL_HEADS,
 ) -> torch.Tensor:
     """Exact causal (and within-document) attention over a ring of ranks; see Note [Ring attention].
 
     q: (B, Hq, S_local, D); k, v: (B, Hkv, S_local, D) with Hq % Hkv == 0 (GQA), all in the zigzag layout of
-    balance.py (ring rank r holds global chunks r and 2R−1−r of the full sequence of length S = R · S_local).
+    balance.py (ring rank r holds global chunks r and 2R−1−r of the full sequence of length S = R · S_local), or in
+    the given `layouts`.
     group: the ring's process group; None means no ring (R = 1, plain local causal attention).
     boundaries: per batch row, global document start offsets plus S at the end (documents.document_boundaries of the
         FULL sequence's position_ids); None = one causal document per row.
+    layouts: per batch row, the chunks of the full row each ring rank holds, in local order (balance.Layout, e.g.
+        Note [Document placement]); None = zigzag.
     kernel: the block kernels, "sdpa" (cuDNN/flash ops) or "flex" (FlexAttention); see kernels.py.
     cache: None, or a compute-or-replay function `cache(compute) -> (out, lse)` that returns compute() or a pair
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
-        uses whatever pair it returns.
+        uses whatever pair it returns. If it has a method `backward_done()`, it is called once backward has used
+        and released this call's saved tensors (a hook on q's gradient; the cache then starts bringing back what the
+        layer before needs).
     window: sliding window w (query i sees key j when 0 <= i − j < w); None: full causal attention.
     sinks: (Hq,) attention-sink logits of these heads (Note [Attention sinks]), differentiable; None: no sinks.
-        If it has a method `backward_done()`, it is called once backward has used and released this call's saved
-        tensors (a hook on q's gradient; the cache then starts bringing back what the layer before needs).
     groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
     Returns (B, Hq, S_local, D) in q's dtype, differentiable w.r.t. q, k, v.
     """
-    ring_size = _ring_size(group)
-    _check_inputs(q, k, v, ring_size, boundaries)
-    if kernel not in KERNELS:
-        raise ValueError(f"ring_attention: kernel={kernel!r} is not one of {KERNELS}.")
-    if window is not None and window < 1:
-        raise ValueError(f"ring_attention: window={window} must be a positive number of tokens (or None).")
-    if sinks is not None and sinks.shape != (q.shape[1],):
-        raise ValueError(f"ring_attention: sinks of shape {tuple(sinks.shape)} must hold one logit per query head "
-                         f"({q.shape[1]},).")
-    rank = 0 if group is None else dist.get_rank(group)
-    plan = _plan(boundaries, q.shape[0], q.shape[2], ring_size, rank, window)
-    if ring_size > 1:  # sent point to point, which needs dense tensors
-        k, v = k.contiguous(), v.contiguous()
+    plan = ring_plan(group, q, k, v, boundaries=boundaries, layouts=layouts, kernel=kernel, window=window,
+                     sinks=sinks)
+    k, v = sendable(group, k, v)
     done = getattr(cache, "backward_done", None)
     if done is not None and q.requires_grad and torch.is_grad_enabled():
         # Runs when q's gradient reaches q's own node: after this call's backward, whose saved tensors are gone then.
         q.register_hook(lambda grad: done())
     return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, sinks, groups)
+
+
+def sendable(group, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v as the ring sends them point to point, which needs dense tensors; as they are without a ring (the
+    kernels read strided tensors, Note [Attention head groups])."""
+    if ring_size_of(group) > 1:
+        return k.contiguous(), v.contiguous()
+    return k, v
+
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -149,11 +116,11 @@ class RingAttentionFunction(torch.autograd.Function):
         return None, dq, dk, dv, None, None, None, None, dsinks, None
 
 
-def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], kernel: str = "sdpa", sinks=None,
+def ring_attention_forward(group, q, k, v, *, scale: float, plan: tuple[Run, ...], kernel: str = "sdpa", sinks=None,
                            groups: HeadGroups = ALL_HEADS):
     """Output (q's dtype) and fp32 log-sum-exp (B, Hq, S_local) of the rank's queries over the whole ring (and the
     sinks, if any)."""
-    if _ring_size(group) == 1:
+    if ring_size_of(group) == 1:
         out, lse = _local_forward(q, k, v, scale, plan, kernel, groups)
         return (out, lse) if sinks is None else merge_sink(out, lse, sinks)
     ring = _Ring(group)
@@ -162,8 +129,10 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
     held = (k, v)
     for step in range(steps):
         pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
-        for rq, rk, call in _blocks(plan, step):
-            merge_(out[rq], lse[rq], *_call_forward(q[rq], held[0][rk], held[1][rk], call, scale, kernel, groups))
+        for rows, item in _items(plan, step):
+            for iq, block_out, block_lse in item_forward(q, *held, rows, item, scale=scale, kernel=kernel,
+                                                                groups=groups):
+                merge_(out[iq], lse[iq], block_out, block_lse)
         if pending is not None:
             held = _Ring.finish(pending)
     if sinks is not None:
@@ -172,11 +141,11 @@ def ring_attention_forward(group, q, k, v, *, scale: float, plan: list[_Run], ke
 
 
 def ring_attention_backward(
-    group, dout, q, k, v, out, lse, *, scale: float, plan: list[_Run], kernel: str = "sdpa",
+    group, dout, q, k, v, out, lse, *, scale: float, plan: tuple[Run, ...], kernel: str = "sdpa",
     groups: HeadGroups = ALL_HEADS,
 ):
     """Gradients w.r.t. q, k, v given the final output and log-sum-exp; see Note [Ring attention]."""
-    if _ring_size(group) == 1:
+    if ring_size_of(group) == 1:
         return _local_backward(dout, q, k, v, out, lse, scale, plan, kernel, groups)
     ring = _Ring(group)
     steps = len(plan[0].steps)
@@ -186,12 +155,12 @@ def ring_attention_backward(
     for step in range(steps):
         kv_pending = ring.start(held, _KV_TAG) if step < steps - 1 else None
         dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
-        for rq, rk, call in _blocks(plan, step):
-            gq, gk, gv = _call_backward(dout[rq], q[rq], held[0][rk], held[1][rk], out[rq], lse[rq], call, scale,
-                                        kernel, groups)
-            dq[rq] += gq
-            dk[rk] += gk
-            dv[rk] += gv
+        for rows, item in _items(plan, step):
+            for iq, ik, gq, gk, gv in item_backward(dout, q, *held, out, lse, rows, item, scale=scale, kernel=kernel,
+                                                        groups=groups):
+                dq[iq] += gq
+                dk[ik] += gk
+                dv[ik] += gv
         if grads_pending is not None:  # the dk/dv of these K/V from the ranks before us
             earlier = _Ring.finish(grads_pending)
             dk += earlier[0]
@@ -203,54 +172,44 @@ def ring_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _call_forward(q, k, v, call: _Call, scale: float, kernel: str, groups: HeadGroups):
-    if call.band is not None:
-        return band_forward(q, k, v, offset=call.band[0], window=call.band[1], scale=scale)
-    return block_forward(q, k, v, causal=call.causal, scale=scale, kernel=kernel, groups=groups)
-
-
-def _call_backward(dout, q, k, v, out, lse, call: _Call, scale: float, kernel: str, groups: HeadGroups,
-                   grad_dtype=None):
-    if call.band is not None:
-        return band_backward(dout, q, k, v, out, lse, offset=call.band[0], window=call.band[1], scale=scale,
-                             grad_dtype=grad_dtype)
-    return block_backward(dout, q, k, v, out, lse, causal=call.causal, scale=scale, kernel=kernel,
-                          grad_dtype=grad_dtype, groups=groups)
-
-
-def _blocks(plan: list[_Run], step: int):
-    """(q index, held-k index, call) of every kernel call of a ring step: rows of a run × the call's positions."""
+def _items(plan: tuple[Run, ...], step: int):
+    """(batch rows, kernel call or group) of every item of a ring step."""
     for run in plan:
-        for call in run.steps[step]:
-            yield (run.rows, slice(None), call.q), (run.rows, slice(None), call.k), call
+        for item in run.steps[step]:
+            yield run.rows, item
 
 
 # Without a ring (R = 1) the kernel calls of a run cover each query and key position exactly once (one causal square
 # per document), so results are written in place: no merge, no fp32 accumulators (at long lengths those would cost
 # 3 × 4 bytes per head dimension per token).
 
-def _covered_by_one_call(plan: list[_Run]) -> bool:
+def _covered_by_one_call(plan: tuple[Run, ...]) -> bool:
     (first,) = plan[0].steps
-    return len(plan) == 1 and len(first) == 1
+    return len(plan) == 1 and len(first) == 1 and isinstance(first[0], Call)
 
 
-def _local_forward(q, k, v, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
+def _local_forward(q, k, v, scale: float, plan: tuple[Run, ...], kernel: str, groups: HeadGroups):
     if _covered_by_one_call(plan):  # one document per row: no copy either
-        return _call_forward(q, k, v, plan[0].steps[0][0], scale, kernel, groups)
-    out = torch.empty_like(q)
+        return call_forward(q, k, v, plan[0].steps[0][0], scale=scale, kernel=kernel, groups=groups)
+    # Laid out as (B, S, H, D) like the model's own projections, so the caller's transpose back is free.
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype), device=q.device)
-    for rq, rk, call in _blocks(plan, 0):
-        out[rq], lse[rq] = _call_forward(q[rq], k[rk], v[rk], call, scale, kernel, groups)
+    for rows, item in _items(plan, 0):
+        for iq, block_out, block_lse in item_forward(q, k, v, rows, item, scale=scale, kernel=kernel, groups=groups):
+            out[iq], lse[iq] = block_out, block_lse
     return out, lse
 
 
-def _local_backward(dout, q, k, v, out, lse, scale: float, plan: list[_Run], kernel: str, groups: HeadGroups):
+def _local_backward(dout, q, k, v, out, lse, scale: float, plan: tuple[Run, ...], kernel: str,
+                    groups: HeadGroups):
     if _covered_by_one_call(plan):
-        return _call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale, kernel, groups, grad_dtype=q.dtype)
+        return call_backward(dout, q, k, v, out, lse, plan[0].steps[0][0], scale=scale, kernel=kernel,
+                             grad_dtype=q.dtype, groups=groups)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    for rq, rk, call in _blocks(plan, 0):
-        dq[rq], dk[rk], dv[rk] = _call_backward(dout[rq], q[rq], k[rk], v[rk], out[rq], lse[rq], call, scale, kernel,
-                                                groups, grad_dtype=q.dtype)
+    for rows, item in _items(plan, 0):
+        for iq, ik, gq, gk, gv in item_backward(dout, q, k, v, out, lse, rows, item, scale=scale, kernel=kernel,
+                                                grad_dtype=q.dtype, groups=groups):
+            dq[iq], dk[ik], dv[ik] = gq, gk, gv
     return dq, dk, dv
 
 
@@ -276,140 +235,3 @@ class _Ring:
         for request in requests:
             request.wait()
         return received
-
-
-def _ring_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _plan(boundaries, batch: int, local_len: int, ring_size: int, rank: int, window: int | None = None) -> list[_Run]:
-    """Kernel calls per ring step, shared by the rows of each run of identical document layouts."""
-    total = ring_size * local_len
-    layouts = [(0, total)] * batch if boundaries is None else [tuple(row) for row in boundaries]
-    runs, first = [], 0
-    for row in range(1, batch + 1):
-        if row == batch or layouts[row] != layouts[first]:
-            runs.append(_Run(slice(first, row), _run_steps(layouts[first], local_len, ring_size, rank, window)))
-            first = row
-    return runs
-
-
-def _run_steps(bounds, local_len: int, ring_size: int, rank: int, window: int | None) -> list[list[_Call]]:
-    mine = _chunks(ring_size, rank, local_len)
-    steps = []
-    for step in range(ring_size):
-        held = _chunks(ring_size, (rank - step) % ring_size, local_len)
-        calls = [cut for qc in mine for kc in held for call in _pair_calls(bounds, qc, kc)
-                 if (cut := _in_window(call, qc, kc, window)) is not None]
-        steps.append(_coalesce(calls))
-    return steps
-
-
-def _chunks(ring_size: int, rank: int, local_len: int) -> tuple[_Chunk, ...]:
-    if ring_size == 1:
-        return (_Chunk(0, 0, 0, local_len),)
-    half, late = local_len // 2, 2 * ring_size - 1 - rank
-    return _Chunk(rank, 0, rank * half, half), _Chunk(late, half, late * half, half)
-
-
-def _pair_calls(bounds, qc: _Chunk, kc: _Chunk) -> list[_Call]:
-    """The kernel calls of one (q chunk, k chunk) block under the documents `bounds`; see Note [Ring attention]."""
-    if kc.index > qc.index:
-        return []
-    if kc.index == qc.index:
-        return [
-            _Call(slice(qc.local + a - qc.start, qc.local + b - qc.start),
-                  slice(kc.local + a - kc.start, kc.local + b - kc.start), True)
-            for a, b in _segments(bounds, qc.start, qc.start + qc.length)
-        ]
-    k_end = kc.start + kc.length
-    doc = bisect.bisect_right(bounds, k_end - 1) - 1
-    doc_start, doc_end = bounds[doc], bounds[doc + 1]
-    if doc_end <= qc.start:
-        return []
-    q_len = min(doc_end, qc.start + qc.length) - qc.start
-    k_from = max(doc_start, kc.start) - kc.start
-    return [_Call(slice(qc.local, qc.local + q_len), slice(kc.local + k_from, kc.local + kc.length), False)]
-
-
-def _in_window(call: _Call, qc: _Chunk, kc: _Chunk, window: int | None) -> _Call | None:
-    """The call as the sliding window cuts it: skipped (None), whole, or a band (Note [Sliding windows on blocks])."""
-    if window is None:
-        return call
-    q0, k0 = qc.start + call.q.start - qc.local, kc.start + call.k.start - kc.local
-    cut = window_cut(q0, call.q.stop - call.q.start, k0, call.k.stop - call.k.start, call.causal, window)
-    if cut is None or cut == "whole":
-        return None if cut is None else call
-    q_stop, k_start, offset = cut
-    return _Call(slice(call.q.start, call.q.start + q_stop), slice(call.k.start + k_start, call.k.stop), False,
-                 (offset, window))
-
-
-def _segments(bounds, lo: int, hi: int):
-    """The pieces [a, b) of documents that lie inside the token range [lo, hi)."""
-    i = bisect.bisect_right(bounds, lo) - 1
-    while bounds[i] < hi:
-        yield max(bounds[i], lo), min(bounds[i + 1], hi)
-        i += 1
-
-
-def _coalesce(calls: list[_Call]) -> list[_Call]:
-    """Join neighbouring full blocks that share their q or k range into one kernel call."""
-    joined: list[_Call] = []
-    for call in calls:
-        prev = joined[-1] if joined else None
-        if prev is not None and not (prev.causal or call.causal or prev.band or call.band):
-            if prev.k == call.k and prev.q.stop == call.q.start:
-                joined[-1] = _Call(slice(prev.q.start, call.q.stop), prev.k, False)
-                continue
-            if prev.q == call.q and prev.k.stop == call.k.start:
-                joined[-1] = _Call(prev.q, slice(prev.k.start, call.k.stop), False)
-                continue
-        joined.append(call)
-    return joined
-
-
-def _check_inputs(q, k, v, ring_size: int, boundaries) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(
-            f"ring_attention: expected q (B, Hq, S_local, D) and k, v (B, Hkv, S_local, D) of one shape, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
-        )
-    batch, heads, local_len, dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, local_len, dim):
-        raise ValueError(
-            f"ring_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, S_local and head_dim "
-            "(dims 0, 2, 3); pass them as (batch, heads, tokens, head_dim)."
-        )
-    if heads % k.shape[1]:
-        raise ValueError(
-            f"ring_attention: Hq = {heads} query heads is not a multiple of Hkv = {k.shape[1]} key/value heads; "
-            "GQA needs Hq % Hkv == 0 (check num_attention_heads and num_key_value_heads)."
-        )
-    if ring_size > 1 and local_len % 2:
-        raise ValueError(
-            f"ring_attention: S_local = {local_len} is odd, but the zigzag layout gives every rank two equal chunks. "
-            f"Pad the full sequence to a multiple of 2·R = {2 * ring_size} tokens before sharding (balance.py)."
-        )
-    if boundaries is not None:
-        _check_boundaries(boundaries, batch, ring_size, local_len)
-
-
-def _check_boundaries(boundaries, batch: int, ring_size: int, local_len: int) -> None:
-    total = ring_size * local_len
-    if len(boundaries) != batch:
-        raise ValueError(
-            f"ring_attention: boundaries has {len(boundaries)} rows for a batch of {batch}; pass one list per row."
-        )
-    for i, row in enumerate(boundaries):
-        if row[-1] != total:
-            raise ValueError(
-                f"ring_attention: boundaries[{i}] ends at {row[-1]}, but the full sequence has R·S_local = "
-                f"{ring_size}·{local_len} = {total} tokens. Compute boundaries from the FULL sequence's position_ids "
-                "(documents.document_boundaries), not from this rank's slice."
-            )
-        if row[0] != 0 or any(a >= b for a, b in zip(row, row[1:])):
-            raise ValueError(
-                f"ring_attention: boundaries[{i}] = {row} must start at 0 and increase strictly "
-                "(document starts, then the sequence length)."
-            )

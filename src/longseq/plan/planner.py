@@ -127,15 +127,17 @@ def detect_machine() -> Machine:
 
 
 def plan_for(model_config, mesh, batch_shape: tuple[int, int], machine: Machine | None = None, *,
-             training: str = "full", longest_document: int | None = None):
+             training: str = "full", longest_document: int | None = None, fsdp_cpu_offload: bool | None = None,
+             dtype_bytes: int = 2, offload_min_bytes: int = 1 << 20):
     """The MemoryConfig of the fastest configuration that fits: model_config an HF config, mesh a longseq Mesh
-    (sp, ring, dp), batch_shape (sequences per data-parallel rank, tokens per sequence). Raises PlanError, naming
-    the budget that is short, when nothing fits."""
+    (sp, ring, dp), batch_shape (sequences per data-parallel rank, tokens per sequence); fsdp_cpu_offload as
+    Workload's, dtype_bytes and offload_min_bytes as Problem's. Raises PlanError, naming the budget that is short,
+    when nothing fits."""
     batch, length = batch_shape
     problem = Problem(shape=shape_from_config(model_config), layout=Layout(sp=mesh.sp, ring=mesh.ring, dp=mesh.dp),
                       workload=Workload(length=length, batch=batch, training=training,
-                                        longest_document=longest_document),
-                      machine=machine or detect_machine())
+                                        longest_document=longest_document, fsdp_cpu_offload=fsdp_cpu_offload),
+                      machine=machine or detect_machine(), dtype_bytes=dtype_bytes, offload_min_bytes=offload_min_bytes)
     return plan(problem).memory_config()
 
 

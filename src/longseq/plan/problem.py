@@ -55,6 +55,9 @@ class Workload:
     adapters), or 'forward-backward' (bf16 weights and gradients on the GPU, no optimizer: the benchmarks' setup)."""
     lora_rank: int = 16
     """Rank of the LoRA adapters on every projection (training='lora')."""
+    fsdp_cpu_offload: bool | None = None
+    """training='full': FSDP2's CPU offload fixed on or off (it is decided when the model is sharded, so
+    `longseq.apply(..., "auto")` plans with the trainer's training.cpu_offload); None: the plan chooses."""
 
     def __post_init__(self) -> None:
         if self.length < 1 or self.batch < 1:

@@ -67,7 +67,8 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
 
 def _bases(problem: Problem, least_memory: bool):
     """Choices before placement (Note [Plan search])."""
-    fsdp = (False, True) if problem.workload.training == "full" else (False,)
+    fixed = problem.workload.fsdp_cpu_offload
+    fsdp = ((False, True) if fixed is None else (fixed,)) if problem.workload.training == "full" else (False,)
     packed_alone = problem.workload.longest_document is not None and problem.layout.sp == 1
     caches = (True,) if packed_alone else (True, False)  # the model's own SDPA with packed documents is not modelled
     if least_memory:

@@ -64,6 +64,7 @@ def _train_and_explain(config, is_demo: bool) -> int:
     from longseq.data.readers import DataError
     from longseq.train import demo
     from longseq.train.checkpoint import CheckpointError
+    from longseq.plan import PlanError
     from longseq.train.loop import Interrupted, TrainingError, finish, train
 
     try:
@@ -71,7 +72,7 @@ def _train_and_explain(config, is_demo: bool) -> int:
     except Interrupted as e:
         _error(e, prefix="longseq train")
         return e.exit_code
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PlanError) as e:  # PlanError: `memory: auto`, nothing fits
         _error(e)
         return 2
     except TrainingError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longseq import MemoryConfig
+from longseq import AutoMemory, MemoryConfig
 
 
 class ConfigError(ValueError):
@@ -140,7 +140,8 @@ class TrainingSection:
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 (compute in bf16, reduce gradients in fp32) or fp32."""
     cpu_offload: bool = False
-    """Keep FSDP2's sharded parameters, gradients and optimizer state in host memory (GPU only)."""
+    """Keep FSDP2's sharded parameters, gradients and optimizer state in host memory (GPU only). Fixed when the model
+    is sharded: `memory: auto` plans with it as set (`longseq plan` tells whether a length needs it)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -221,9 +222,11 @@ class TrainConfig:
     """The data."""
     parallel: ParallelSection = field(default_factory=ParallelSection)
     """Sequence and data parallelism."""
-    memory: MemoryConfig | None = field(default_factory=MemoryConfig)
-    """Memory features: each key below is on or off exactly as shown (all on by default, as longseq.MemoryConfig());
-    `memory: false` switches them all off."""
+    memory: MemoryConfig | AutoMemory | None = field(default_factory=AutoMemory)
+    """Memory features. Default `memory: auto`: the planner picks them for each batch shape (docs/plan.md), for
+    full training with training.cpu_offload as set; a key below forces that one field whatever the plan picks
+    (defaults shown are MemoryConfig's, used with `memory.auto: false`: exactly the keys as given, all on unless
+    set off). `memory: false` switches them all off."""
     optim: OptimSection = field(default_factory=OptimSection)
     """Optimizer and schedule."""
     training: TrainingSection = field(default_factory=TrainingSection)

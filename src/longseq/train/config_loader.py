@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from longseq import AutoMemory, MemoryConfig
 from longseq.train.config import ConfigError, TrainConfig
 
 # The memory section may be switched off as a whole (MemoryConfig's own defaults are all on).
@@ -76,14 +77,37 @@ def from_dict(raw: dict) -> TrainConfig:
             if name in ("model", "data"):
                 raise ConfigError(f"the config has no {name}: section; see `longseq train --help`.")
             continue
+        if name == "memory":
+            values[name] = _memory(section)
+            continue
         if not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping of keys, got {section!r}.")
         values[name] = _build(cls, section, name)
     return TrainConfig(**values)
 
 
+def _memory(section) -> MemoryConfig | AutoMemory:
+    """`memory: auto` (the default), or a mapping: with `auto: false` a MemoryConfig of exactly its keys, otherwise
+    the plan's choice with its keys forced (TrainConfig.memory)."""
+    if section == "auto":
+        return AutoMemory()
+    if not isinstance(section, dict):
+        raise ConfigError(f"memory: must be auto, false or a mapping of MemoryConfig keys, got {section!r}.")
+    keys = dict(section)
+    auto = _coerce(keys.pop("auto", True), bool, "memory.auto")
+    explicit = _build(MemoryConfig, keys, "memory")
+    return AutoMemory(**{k: getattr(explicit, k) for k in keys}) if auto else explicit
+
+
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as the loader reads it back (config.yaml of a run)."""
+    out = dataclasses.asdict(dataclasses.replace(config, memory=None))
+    memory = config.memory
+    if isinstance(memory, AutoMemory):
+        out["memory"] = {"auto": True, **memory.overrides}
+    elif memory is not None:
+        out["memory"] = {"auto": False, **dataclasses.asdict(memory)}
+    return out
 
 
 def _build(cls: type, values: dict, prefix: str):
@@ -190,9 +214,14 @@ def _set_dotted(raw: dict, key: str, value) -> None:
     if len(parts) == 1 and key in _SWITCHABLE and value in (None, False):  # --memory=false: the section is off
         raw[key] = None
         return
+    if len(parts) == 1 and key == "memory" and value == "auto":
+        raw[key] = "auto"
+        return
     if len(parts) != 2:
         raise ConfigError(f"override key {key!r} must be section.key, e.g. training.steps; see --help.")
     section = raw.setdefault(parts[0], {})
+    if section == "auto" and parts[0] == "memory":  # memory: auto, then one key forced
+        section = raw["memory"] = {}
     if section in (None, False) and parts[0] in _SWITCHABLE:
         raise ConfigError(f"{parts[0]} is switched off (false), so --{key} has nothing to set; drop "
                           f"`{parts[0]}: false` (or --{parts[0]}=false) to use the {parts[0]} keys.")
@@ -216,6 +245,9 @@ def help_text() -> str:
     for name, cls in sections().items():
         doc = field_docs(TrainConfig)[name]
         lines.append(f"\n{name}: {doc}")
+        if name == "memory":
+            lines.append("  --memory.auto=True\n      The plan's choice for each batch shape, with the keys given "
+                         "forced; false: a MemoryConfig of the keys given.")
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"  --{name}.{f.name}={default!r}\n      {field_docs(cls).get(f.name, '')}")

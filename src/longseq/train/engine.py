@@ -110,14 +110,34 @@ def lr_factor(step: int, section: OptimSection, steps: int) -> float:
 def build_engine(config: TrainConfig, mesh: Mesh, hf_config, vocab_size: int):
     """(model, optimizer, scheduler), ready to train on this rank; `hf_config` is model_config's result."""
     model = build_model(config.model, hf_config, config.training.seed, vocab_size)
+    param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
+    memory = trainer_memory(config, param_dtype)
     try:
-        longseq.apply(model, mesh, config.memory, linear_attention=config.parallel.linear_attention)
+        longseq.apply(model, mesh, memory, linear_attention=config.parallel.linear_attention)
     except ValueError as e:  # a model or attention the layout cannot run (e.g. flash kernels under ring attention)
         raise ConfigError(f"model: {e}") from e
-    param_dtype = compute_dtype(config.training.mixed_precision, mesh.device)
     apply_fsdp(model, mesh.device, param_dtype=param_dtype, cpu_offload=config.training.cpu_offload)
     optimizer, scheduler = build_optimizer(model, config.optim, config.training.steps)
     return model, optimizer, scheduler
+
+
+def trainer_memory(config: TrainConfig, param_dtype: torch.dtype):
+    """config.memory, with `memory: auto` told what the trainer runs: full training (FSDP2, fp32 master weights,
+    AdamW), training.cpu_offload as set, activations in param_dtype. The plan's host budget then counts the
+    CPU-offloaded state itself (what reserve_host_memory tells an automatic budget). Without CUDA: the 'cpu' card
+    with this host's memory as both budgets (the tests' and the demo's runs)."""
+    memory = config.memory
+    if not isinstance(memory, longseq.AutoMemory):
+        return memory
+    machine = memory.machine
+    if machine is None and not torch.cuda.is_available():
+        from longseq.memory.host_budget import host_total_gib
+        from longseq.plan import machine_for
+
+        total = host_total_gib()
+        machine = machine_for("cpu", gpu_memory_gib=total, host_memory_gib=total)
+    return longseq.AutoMemory(machine=machine, training="full", fsdp_cpu_offload=config.training.cpu_offload,
+                              compute_dtype=param_dtype, **memory.overrides)
 
 
 def clip_gradients(model, max_norm: float | None) -> float:

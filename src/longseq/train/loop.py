@@ -12,6 +12,7 @@ mean loss (Note [Exact global loss]).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -248,8 +249,9 @@ def explain_oom(config: TrainConfig, mesh: Mesh, step: int) -> str:
         tips.append("switch the memory features on (tiled MLP, norms and loss, offloaded checkpoints): drop "
                     "`memory: false` or --memory=false")
     else:
-        off = [k for k in ("tiled_loss", "tiled_mlp", "tiled_norms", "offload_checkpoints")
-               if not getattr(config.memory, k)]
+        memory = config.memory
+        forced = memory.overrides if isinstance(memory, longseq.AutoMemory) else dataclasses.asdict(memory)
+        off = [k for k in ("tiled_loss", "tiled_mlp", "tiled_norms", "offload_checkpoints") if forced.get(k) is False]
         tips += [f"--memory.{k}=true" for k in off]
     tips.append(f"raise parallel.sp (now {mesh.sp}) with more GPUs: each rank holds seq_len / sp tokens")
     if not config.training.cpu_offload:
