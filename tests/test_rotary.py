@@ -178,3 +178,10 @@ def test_whole_model_with_the_lean_rotary_alone_is_bitwise_transformers(untouche
     assert torch.equal(got, want)
     for (name, p), q in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_bench_rotary_runs_on_cpu():
+    from bench.bench_rotary import measure
+
+    row = measure(33, "cpu", repeats=1)
+    assert row["bitwise_equal"] and row["lean_backward_extra_q"] is None and row["lean_ms"] > 0
