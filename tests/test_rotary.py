@@ -79,7 +79,7 @@ def test_layout_unsqueeze_dim_2_and_fallbacks():
 
     assert all(torch.equal(a, b) for a, b in zip(run(lean), run(HF_ROTARY)))
     calls = []
-    spy = lean_apply_rotary_pos_emb(lambda *a: calls.append(a) or (a[0], a[1]))
+    spy = lean_apply_rotary_pos_emb(lambda *a, **kw: calls.append(a) or (a[0], a[1]))
     spy(q, k, cos[..., :8], sin[..., :8])
     spy(q, k, cos.clone().requires_grad_(), sin)
     spy(q, k, cos.double(), sin.double())

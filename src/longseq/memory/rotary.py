@@ -48,6 +48,8 @@ import torch
 _CHUNK_BYTES = 64 << 20  # one chunk's half-product in the backward
 _installed: dict[str, Callable] = {}  # modeling module name -> its original apply_rotary_pos_emb
 _checked: dict[str, bool] = {}  # modeling module name -> whether the lean function matched its own
+_SIGNATURE = [("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty), ("cos", inspect.Parameter.empty),
+              ("sin", inspect.Parameter.empty), ("unsqueeze_dim", 1)]  # transformers' apply_rotary_pos_emb
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ def lean_apply_rotary_pos_emb(original: Callable) -> Callable:
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if not _is_standard(q, k, cos, sin):
-            return original(q, k, cos, sin, unsqueeze_dim)
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         cos = cos.unsqueeze(unsqueeze_dim)
         sin = sin.unsqueeze(unsqueeze_dim)
         return lean_rotary(q, cos, sin, _CHUNK_BYTES), lean_rotary(k, cos, sin, _CHUNK_BYTES)
@@ -148,12 +150,22 @@ def install_lean_rotary(model: torch.nn.Module) -> list[str]:
 
 
 def _matches(original: Callable) -> bool:
-    """Whether the lean function gives `original`'s forward and q/k gradients exactly (torch.equal) on a small random
-    input in fp32: batch 2, 3 query heads and 1 K/V head, 7 positions, chunks of 3 positions."""
+    """Whether `original` has transformers' signature and the lean function gives its forward and q/k gradients
+    exactly (torch.equal) on a small random input in fp32: batch 2, 3 query heads and 1 K/V head, 7 positions,
+    chunks of 3 positions."""
+    try:
+        parameters = inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        return False
+    if [(p.name, p.default) for p in parameters.values()] != _SIGNATURE:
+        return False
     generator = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 7, 8, generator=generator), torch.randn(2, 1, 7, 8, generator=generator)
-    cos, sin = torch.randn(2, 7, 8, generator=generator), torch.randn(2, 7, 8, generator=generator)
-    grads = torch.randn(2, 3, 7, 8, generator=generator), torch.randn(2, 1, 7, 8, generator=generator)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cpu")
+
+    q, k, cos, sin = randn(2, 3, 7, 8), randn(2, 1, 7, 8), randn(2, 7, 8), randn(2, 7, 8)
+    grads = randn(2, 3, 7, 8), randn(2, 1, 7, 8)
     chunk = 3 * (2 * 3 * 4 * 4)  # 3 positions of q's half: chunks of 3, 3 and 1
 
     def lean(q, k, cos, sin):
@@ -161,8 +173,9 @@ def _matches(original: Callable) -> bool:
         return lean_rotary(q, cos, sin, chunk), lean_rotary(k, cos, sin, chunk)
 
     try:
-        results = [_forward_and_grads(fn, q, k, cos, sin, grads) for fn in (original, lean)]
-    except Exception:  # a different signature or shape contract: not the standard form
+        with torch.enable_grad():
+            results = [_forward_and_grads(fn, q, k, cos, sin, grads) for fn in (original, lean)]
+    except Exception:  # a different shape contract: not the standard form
         return False
     return all(torch.equal(a, b) for a, b in zip(*results))
 
