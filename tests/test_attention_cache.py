@@ -7,6 +7,7 @@ and replayed in its recompute, passed explicitly to the block kernels.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -73,6 +74,24 @@ def test_attention_output_cache_survives_a_retained_graph():
     loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * once[name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_kept_outputs_go_with_the_backward_while_the_loss_lives(keep, monkeypatch):
+    """After a backward without retain_graph, no kept pair is left, host or device (keep=1: the last layer's on
+    the device), while the loss and its graph are still alive (a training loop holds the loss into the next step's
+    forward). ring_attention's hook on q's node stays with that graph, so it must not hold the pairs."""
+    kept = []
+    real_keep = KeptAttention.keep
+    monkeypatch.setattr(KeptAttention, "keep", lambda self, t: kept.append(weakref.ref(self)) or real_keep(self, t))
+    mesh, data = longseq.Mesh(), batch(130, rows=2, documents=[1, 50, 33, 46])
+    memory = MemoryConfig(keep_last_layers_on_gpu=keep, offload_min_bytes=0, expandable_segments=False)
+    model = longseq.apply(tiny_model(num_hidden_layers=LAYERS), mesh, memory)
+    loss = longseq.causal_lm_loss(model, longseq.shard_batch(data, mesh), mesh)
+    assert offload_stats(model).current_bytes > 0 and len(kept) == LAYERS
+    loss.backward()
+    assert offload_stats(model).current_bytes == 0 and [ref() for ref in kept] == [None] * LAYERS
+    assert loss.grad_fn is not None
 
 
 def test_padding_mask_refused_where_longseq_attention_runs():

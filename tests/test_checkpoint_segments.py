@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 
 import pytest
+import torch
 
 import longseq
 from longseq.memory import MemoryConfig, offload_stats
@@ -104,6 +105,31 @@ def test_when_the_earlier_checkpoint_comes_back(after_attention, monkeypatch):
     compare(model, batch(**DATA), longseq.Mesh(), memory=memory)
     assert max(restored_at_attention) == (0 if after_attention else 1)  # one layer ahead: the earlier one's
     assert offload_stats(model).prefetch_hits == offload_stats(model).offloaded_tensors - 1
+
+
+def _save_an_empty_tensor_first(monkeypatch) -> None:
+    """Make torch's checkpoint save an empty float tensor before a layer's inputs, as torch 2.11's does (its
+    _NoopSaveInputs saves torch.empty((0,), requires_grad=True) first, which the GPU machines run); newer torch
+    saves the inputs alone."""
+    if hasattr(torch.utils.checkpoint, "_NoopSaveInputs"):
+        return  # this torch does it itself
+    frame = torch.utils.checkpoint._CheckpointFrame
+    save, get = frame.save_inputs, frame.get_inputs
+    monkeypatch.setattr(frame, "save_inputs", lambda self, *args: save(self, torch.empty(0, requires_grad=True), *args))
+    monkeypatch.setattr(frame, "get_inputs", lambda self: get(self)[1:])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_empty_tensor_saved_before_the_input_is_not_taken_for_it(k, monkeypatch):
+    """With offload_min_bytes=0 every saved float tensor is big enough; an empty one saved before the layer input
+    (torch 2.11's checkpoint) is not offloaded, nor taken for the input a segment rebuilds its later layers from."""
+    _save_an_empty_tensor_first(monkeypatch)
+    model = tiny_model(num_hidden_layers=LAYERS)
+    memory = _memory(layers_per_checkpoint=k, attention_heads_per_call=1)
+    compare(model, batch(**DATA), longseq.Mesh(), memory=memory)
+    stats = offload_stats(model)
+    assert stats.offloaded_tensors == -(-LAYERS // k) + LAYERS * 2  # the checkpoints and the kept pairs, no more
+    assert stats.layer_forwards_recomputed == LAYERS - -(-LAYERS // k) and stats.current_bytes == 0
 
 
 def _segments_with_sp(ring: int):

@@ -125,10 +125,14 @@ class AttentionPhase:
         self.kept.keep(result)
         return result
 
-    def backward_done(self) -> None:
-        """Called once backward is past this layer's attention (ring_attention hooks q's gradient). Backward runs the
-        nodes of the layer's forward, so it is the forward phase's hook that fires."""
-        self.kept.backward_done()
+    @property
+    def backward_done(self):
+        """What to call once backward is past this layer's attention (ring_attention hooks q's gradient; backward runs
+        the nodes of the layer's forward, so it is the forward phase's hook that fires): the kept pairs' method, as
+        the hook holds it weakly. The pairs live as long as the checkpoint that replays them (its record and
+        recompute phase), so after a backward without retain_graph they go with it, even while the loss (and with
+        it the hook on q's node) is still alive."""
+        return self.kept.backward_done
 
 
 @torch.compiler.disable  # host bookkeeping: dynamo would replay its weak references as strong ones

@@ -17,9 +17,9 @@ restored tensor after its layer's recompute except the recomputed graph itself, 
 layer's backward (DeepSpeed's offload keeps every restored checkpoint on the GPU until the whole backward ends).
 
 Only the tensors that `torch.utils.checkpoint` itself saves pass through the hooks: the layer's positional inputs
-(hidden_states). Tensors smaller than `offload_min_bytes`, parameters, non-float tensors and tensors already saved
-by an earlier layer of the same forward (still alive, so shared: moving them would free nothing) stay on the
-device. The last `keep_last_layers_on_gpu` layers are not offloaded: backward needs them first.
+(hidden_states), and on torch 2.11 an empty placeholder before them. Empty tensors, tensors smaller than
+`offload_min_bytes`, parameters, non-float tensors and tensors already saved by an earlier layer of the same forward
+(still alive, so shared: moving them would free nothing) stay on the device. The last `keep_last_layers_on_gpu` layers are not offloaded: backward needs them first.
 
 When x_{i-1} starts coming back is a trade between memory and overlap. At the start of layer i's recompute (one
 layer ahead: the most time to hide the copy) it sits on the GPU through layer i's attention backward, the step's
@@ -144,8 +144,12 @@ class CheckpointOffloader:
         return self.stream
 
     def should_offload(self, x: torch.Tensor) -> bool:
-        """Whether a saved tensor is worth a host copy: a float tensor of offload_min_bytes or more, not a parameter,
-        not saved already by an earlier layer of this forward (still alive, so shared: moving it frees nothing)."""
+        """Whether a saved tensor is worth a host copy: a non-empty float tensor of offload_min_bytes or more, not a
+        parameter, not saved already by an earlier layer of this forward (still alive, so shared: moving it frees
+        nothing). Empty tensors never are (torch <= 2.11's checkpoint saves an empty placeholder before the layer's
+        inputs: with offload_min_bytes=0 it would be taken for the layer input, Note [Checkpoint segments])."""
+        if x.numel() == 0:
+            return False
         shared = self.saved.get(x.untyped_storage().data_ptr()) is not None
         self.saved[x.untyped_storage().data_ptr()] = x
         return not (shared or isinstance(x, nn.Parameter) or not x.is_floating_point() or nbytes(x) < self.min_bytes)

@@ -124,8 +124,9 @@ def _rng_as_in_forward(rng, device: torch.device):
 
 def segment_hooks(offloader, index: int) -> torch.autograd.graph.saved_tensors_hooks:
     """Pack/unpack hooks for the checkpoint of layer `index` inside its segment: the layer's input (the first tensor
-    its checkpoint saves) becomes a placeholder, the segment's first layer's also offloaded; small, integer,
-    parameter and shared tensors and any further inputs stay as they are."""
+    its checkpoint saves that should_offload accepts, so never torch 2.11's empty placeholder) becomes a placeholder,
+    the segment's first layer's also offloaded; empty, small, integer, parameter and shared tensors and any further
+    inputs stay as they are."""
     k = offloader.layers_per_checkpoint
     segment = offloader.new_segment(index) if index % k == 0 else offloader.record_of(index)
     offload, placed = segment.start < offloader.first_kept, []

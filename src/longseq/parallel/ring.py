@@ -37,6 +37,9 @@ sinks], sinks.py).
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -70,7 +73,7 @@ def ring_attention(
         computed earlier for these same inputs (the checkpoint recompute's, Note [Attention output cache]); backward
         uses whatever pair it returns. If it has a method `backward_done()`, it is called once backward has used
         and released this call's saved tensors (a hook on q's gradient; the cache then starts bringing back what the
-        layer before needs).
+        layer before needs), unless the method's object is gone by then (the hook holds it weakly).
     window: sliding window w (query i sees key j when 0 <= i − j < w); None: full causal attention.
     sinks: (Hq,) attention-sink logits of these heads (Note [Attention sinks]), differentiable; None: no sinks.
     groups: how many heads one kernel call takes (Note [Attention head groups], head_groups.py).
@@ -82,8 +85,16 @@ def ring_attention(
     done = getattr(cache, "backward_done", None)
     if done is not None and q.requires_grad and torch.is_grad_enabled():
         # Runs when q's gradient reaches q's own node: after this call's backward, whose saved tensors are gone then.
-        q.register_hook(lambda grad: done())
+        # The hook stays on that node as long as the graph does (after backward too, while the loss is alive), so it
+        # holds the cache weakly: a strong reference would keep the cache's kept outputs alive with it.
+        q.register_hook(functools.partial(_call_if_alive, weakref.WeakMethod(done)))
     return RingAttentionFunction.apply(group, q, k, v, scale, plan, kernel, cache, sinks, groups)
+
+
+def _call_if_alive(method: weakref.WeakMethod, grad: torch.Tensor) -> None:
+    alive = method()
+    if alive is not None:
+        alive()
 
 
 def sendable(group, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
