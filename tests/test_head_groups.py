@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import longseq
+from bench.live_bytes import LiveBytes
 from longseq.memory import MemoryConfig
 from longseq.parallel import varlen
 from longseq.parallel.head_groups import HeadGroups, allowed_sizes
@@ -70,6 +71,24 @@ def test_half_precision_groups_round_each_kv_gradient_once():
     for g_got, g_want in zip(got, want):
         assert g_got.dtype == torch.bfloat16
         torch.testing.assert_close(g_got, g_want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
+def test_head_groups_allocate_their_results_and_one_calls_buffers(grad_dtype):
+    """What forward + backward over 4-head groups allocates at its peak (tensors, kernel workspace excluded: bench/
+    live_bytes.py) is exactly what it returns (out, lse, dq, dk, dv; fp32 gradients by default, a ring block's) plus
+    one call's expanded K/V, dq, dk, dv and dense lse: no whole-tensor copy of q, dout, out or lse, no buffer of all heads
+    beyond the results. tests/gpu/test_memory_gpu.py checks the same on CUDA with the kernels' workspace."""
+    g = torch.Generator().manual_seed(3)
+    q, dout, k, v = (_bshd(h, 64, g, torch.bfloat16) for h in (32, 32, 8, 8))
+    head = q[:, :1].nbytes  # one head's (B, 64, 16) in bf16
+    with LiveBytes() as live:
+        out, lse = block_forward(q, k, v, causal=True, scale=0.25, groups=HeadGroups(heads=4))
+        results = (out, lse, *block_backward(dout, q, k, v, out, lse, causal=True, scale=0.25, grad_dtype=grad_dtype,
+                                             groups=HeadGroups(heads=4)))
+    assert results[2].dtype == (grad_dtype or torch.float32)
+    call = 4 * head * (2 + 3) + lse[:, :4].nbytes  # expanded k, v; the call's dq, dk, dv; its lse made dense
+    assert live.peak == sum(t.nbytes for t in results) + call
 
 
 def test_strided_inputs_equal_dense_copies():
