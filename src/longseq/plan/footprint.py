@@ -77,17 +77,16 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     loss = memory.loss_terms(problem, choice, w)
     best, best_size, below = ("loss", None), sum(kept) + _total(loss, tokens), 0.0
     for i in range(problem.shape.layers):
-        held = _total(placement.retained_above(layout, i, w), tokens)
         for name, size in sizes.items():
             pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
-            if below + held + size + _total(pre, tokens) > best_size:
-                best, best_size = (name, i), below + held + size + _total(pre, tokens)
+            if below + size + _total(pre, tokens) > best_size:
+                best, best_size = (name, i), below + size + _total(pre, tokens)
         below += kept[i]
     name, i = best
     if name == "loss":
         return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
     pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
-    below_terms = [t for k in layout.kept[:i] for t in k] + placement.retained_above(layout, i, w)
+    below_terms = [t for k in layout.kept[:i] for t in k]
     return Peak(f"{name} of layer {i}", fixed + below_terms + pre + moments[name], tokens)
 
 

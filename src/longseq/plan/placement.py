@@ -79,16 +79,6 @@ def prefetched(layout: Placement, i: int, moment: str, choice: Choice, w: Widths
     return checkpoint + pair
 
 
-def retained_above(layout: Placement, i: int, w: Widths) -> list[Term]:
-    """After their backward, layers that keep their attention output on the GPU still hold it, and their recomputed
-    input, q, k and v with it (the kept output is returned again by the recompute's attention, which keeps that
-    graph; seen with bench/live_bytes.py): at layer i, those of the layers above."""
-    count = sum(layout.gpu_pair[i + 1:])
-    width = w.hidden + 2 * w.q + 2 * w.kv + w.lse
-    return [Term("kept output, input, q, k, v still held by GPU-kept attention above", "held after backward",
-                 count * width)] if count else []
-
-
 def segment_inputs(choice: Choice, w: Widths) -> list[Term]:
     k = choice.layers_per_checkpoint
     return [Term("inputs of the segment's other layers", "layer saved tensors", (k - 1) * w.hidden)] if k > 1 else []
