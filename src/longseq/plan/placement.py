@@ -21,8 +21,6 @@ class Placement:
     """Its checkpoint is on the host."""
     host_pair: list[bool] = field(default_factory=list)
     """Its kept attention output is on the host."""
-    gpu_pair: list[bool] = field(default_factory=list)
-    """Its kept attention output is on the GPU."""
 
 
 def _on_host(per_token: float, problem: Problem) -> bool:
@@ -58,7 +56,6 @@ def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
         result.host.append(host)
         result.offloaded.append(offloaded)
         result.host_pair.append(row[1] == "host")
-        result.gpu_pair.append(row[1] == "gpu" and bool(kept))
     return result
 
 
@@ -77,16 +74,6 @@ def prefetched(layout: Placement, i: int, moment: str, choice: Choice, w: Widths
     pair = [Term(t.name.replace("kept", "next kept"), g, t.per_token) for t in layout.host[i - 1]
             if "attention" in t.name] if cache and i > 0 and layout.host_pair[i - 1] else []
     return checkpoint + pair
-
-
-def retained_above(layout: Placement, i: int, w: Widths) -> list[Term]:
-    """After their backward, layers that keep their attention output on the GPU still hold it, and their recomputed
-    input, q, k and v with it (the kept output is returned again by the recompute's attention, which keeps that
-    graph; seen with bench/live_bytes.py): at layer i, those of the layers above."""
-    count = sum(layout.gpu_pair[i + 1:])
-    width = w.hidden + 2 * w.q + 2 * w.kv + w.lse
-    return [Term("kept output, input, q, k, v still held by GPU-kept attention above", "held after backward",
-                 count * width)] if count else []
 
 
 def segment_inputs(choice: Choice, w: Widths) -> list[Term]:
