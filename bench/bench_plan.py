@@ -108,7 +108,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
             with LiveBytes() as live:
                 step()
             resident = sum(2 * p.numel() * p.element_size() for p in model.parameters())
-            result.update(gpu_gib=(live.peak + resident) / _GIB)
+            result.update(gpu_gib=(live.peak + resident) / _GIB, left_after_step_gib=live.alive() / _GIB)
         else:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -3,7 +3,8 @@ and tests/test_plan_measured.py compare the plan with.
 
     with LiveBytes() as live:
         step()
-    live.peak
+    live.peak       # the most bytes alive at once
+    live.alive()    # what is still alive now: after a step, what it left behind
 
 Every storage an ATen op allocates (an output that shares no input's storage) is counted until it is freed;
 tensors made before the block are not: parameters, kept gradients, and the offloader's host arena (made in a first
@@ -58,6 +59,11 @@ class LiveBytes(TorchDispatchMode):
                 self.peak = self.current
                 if self.record:
                     self.at_peak = [(op, n) for _, n, op in self.live.values()]
+
+    def alive(self) -> int:
+        """Bytes of the storages made inside the block that are still alive now (after it: what a step leaves)."""
+        self._sweep()
+        return self.current
 
     def _sweep(self) -> None:
         """Forget freed storages (only needed when a new peak might be set: freed ones only inflate the count)."""

@@ -1,9 +1,9 @@
 """The memory model against the code itself: live tensors of real training steps on CPU (bench/live_bytes.py).
 
 A tiny Llama in fp32 runs forward + backward under the plan's MemoryConfig at two lengths; the live tensors' peak
-grows per token exactly as the plan's terms say (kernel-internal buffers aside: the 'cpu' card counts none), and
-the offloaded copies are exactly the plan's host bytes. When a change to longseq moves its memory, this test names
-the configuration whose term must follow.
+grows per token exactly as the plan's terms say (kernel-internal buffers aside: the 'cpu' card counts none), the
+offloaded copies are exactly the plan's host bytes, and a step leaves no tensor behind. When a change to longseq
+moves its memory, this test names the configuration whose term must follow.
 
     PYTHONPATH=src python -m pytest -q tests/test_plan_measured.py
 """
@@ -45,6 +45,8 @@ def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 
         peaks = [_largest_over_ranks(peak) for peak in peaks]
     for usage, peak in zip(predicted, peaks):
         assert usage.gpu.bytes == pytest.approx(peak, rel=tolerance), f"{usage.gpu.moment}: measured {peak}"
+    if mesh is None:  # a step leaves nothing behind (a leak would add to every later step's peak on a GPU)
+        assert [m["left_after_step_gib"] for m in measured] == [0.0] * len(measured)
     if mesh is not None or predicted[0].gpu.moment.split(" of ")[0] != predicted[1].gpu.moment.split(" of ")[0]:
         return  # a different moment at each length, or gloo's timing (below): no per-token slope to compare
     tokens = [p.tokens for p in problems]
@@ -61,6 +63,10 @@ def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 
     ("untiled MLP and norms", Choice(**{**TILED, "tiled_mlp": False, "tiled_norms": False})),
     ("checkpoints and outputs kept on the GPU", Choice(**{**TILED, "checkpoint_gpu_layers": 2})),
     ("some attention recomputed", Choice(**{**TILED, "attention_host_layers": 1})),
+    # device call 26's 128K choice (training 'full' there: the same activations), which ran out of memory
+    ("untiled, checkpoints on the host, every output on the GPU, tiled loss",
+     Choice(tiled_mlp=False, tiled_norms=False, fuse_norms=False, tile_memory_mib=1,
+            attention_host_layers=TINY.layers, attention_gpu_layers=TINY.layers)),
 ])
 def test_one_rank(name, choice):
     compare(choice)

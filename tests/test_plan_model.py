@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,8 +185,7 @@ def test_more_gpu_placement_moves_bytes_from_host_to_gpu():
     host_side, gpu_side = footprint(p, ALL_HOST), footprint(p, Choice(checkpoint_gpu_layers=32))
     assert gpu_side.gpu.bytes > host_side.gpu.bytes and gpu_side.host.bytes < host_side.host.bytes
     groups = gpu_side.gpu.by_group()
-    on_gpu = sum(groups.get(g, 0) for g in ("checkpoints on the GPU", "kept attention outputs on the GPU",
-                                             "held after backward"))
+    on_gpu = sum(groups.get(g, 0) for g in ("checkpoints on the GPU", "kept attention outputs on the GPU"))
     assert on_gpu >= 31 * 65536 * (8192 + 8192 + 128)  # every other layer's checkpoint and output, at least
 
 
@@ -225,3 +225,20 @@ def test_layout_and_workload_errors():
         problem(sp=3)
     with pytest.raises(PlanError, match="training='sft'"):
         Workload(length=8, training="sft")
+
+
+def test_full_training_gradients_appear_layer_by_layer():
+    """'full' without FSDP2 CPU offload: the fp32 gradient shards are freed after each optimizer step
+    (zero_grad(set_to_none=True)) and made as the backward passes each layer; so the loss counts none, layer i's
+    moments those of the layers above it (4 bytes per parameter), and the optimizer step all of them."""
+    p = problem(length=131072, training="full", layers=8)
+    shape, choice = p.shape, Choice(attention_host_layers=8)
+    peak = footprint(p, choice).gpu
+    layer = int(peak.moment.rsplit(" ", 1)[1])
+    made = [t for t in peak.terms if t.name == "FSDP2 shard: fp32 gradients made so far"]
+    assert sum(t.fixed for t in made) == (7 - layer) * shape.layer_params * 4
+    short = footprint(p.with_length(1), choice).gpu
+    assert short.moment == "optimizer step"
+    assert short.by_group()["weights, gradients, optimizer"] >= shape.params * 16
+    offloaded = footprint(p, dataclasses.replace(choice, fsdp_cpu_offload=True)).gpu
+    assert not [t for t in offloaded.terms if "gradients made" in t.name]

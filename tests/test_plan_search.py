@@ -123,3 +123,31 @@ def test_plan_for_gives_a_config_longseq_apply_takes():
     torch.testing.assert_close(loss, want)
     with pytest.raises(PlanError, match="short"):
         plan_for(reference.config, longseq.Mesh(), (1, 1 << 22), machine, training="forward-backward")
+
+
+@pytest.mark.parametrize("training", ["forward-backward", "lora", "full"])
+def test_a_plan_keeps_the_gpu_margin(training):
+    """Note [Plan search]'s margin: the chosen configuration's GPU peak never passes gpu_memory × (1 − gpu_headroom),
+    at device call 26's machine (139.8 GiB H200, 125 GiB host) over lengths where different features win, and with
+    the margin raised the plan obeys the new limit (choosing another configuration where it must)."""
+    for length in (16384, 32768, 65536, 131072, 262144):
+        for headroom in (0.05, 0.15):
+            p = problem(length, layers=8, training=training, gpu=139.8, fsdp_cpu_offload=False if training ==
+                        "full" else None)
+            p = dataclasses.replace(p, machine=dataclasses.replace(p.machine, gpu_headroom=headroom))
+            result = plan(p)
+            if result.fits:
+                assert result.chosen.footprint.gpu.bytes <= 139.8 * (1 - headroom) * GIB
+    assert problem().machine.gpu_headroom == 0.05
+
+
+def test_device_call_26_at_128k_keeps_its_outputs_without_a_leak():
+    """Device call 26's 128K problem (8 layers, 'full' without FSDP2 CPU offload, bf16): the plan still keeps every
+    attention output on the GPU with checkpoints on the host, and now predicts 75.9 GiB at layer 7's MLP backward
+    (no layer above holds its recompute any more, Note [Kept pairs hold no graph]; no fp32 gradient exists yet)."""
+    p = problem(131072, layers=8, training="full", gpu=139.8, fsdp_cpu_offload=False)
+    chosen = plan(p).chosen
+    assert chosen.choice.checkpointing and chosen.choice.gpu_attention_layers == 8
+    assert chosen.footprint.gpu.moment == "MLP backward of layer 7"
+    assert chosen.footprint.gpu.bytes / GIB == pytest.approx(75.9, abs=0.05)
+    assert "held after backward" not in chosen.footprint.gpu.by_group()

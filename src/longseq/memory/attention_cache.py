@@ -31,6 +31,16 @@ layers, see parallel/attention.py). Host memory: the output has the size of the 
 heads · head_dim = hidden), so the checkpoints' host memory doubles. A pair is kept only where the host budget
 (Note [Host budget]) has room for it and for the checkpoints of the layers still to come; the others are recomputed
 (`OffloadStats.attention_not_kept` counts them). MemoryConfig.cache_attention=False turns it off.
+
+Note [Kept pairs hold no graph]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A pair kept on the GPU is stored, and replayed, as a fresh alias of the forward's tensors (`detach()`: the same
+memory, no autograd history). Were the attention function's own output object kept and returned again, autograd
+would give it the attention node as grad_fn, whose graph the pair would then keep alive: before q's hook
+(backward_done) held the cache weakly (parallel/ring.py), that graph reached this phase, its KeptAttention and so the
+pair again, a cycle through autograd's C++ nodes, which Python's garbage collector cannot see. Each step then leaked, per layer keeping its output on the GPU, that output with the recompute's input
+norm, q, k and v (52 KiB per token for the 8B shape with untiled norms); device call 26 ran out of memory at 128K
+on its second step from it. tests/test_attention_cache.py checks that nothing outlives a step.
 """
 
 from __future__ import annotations
@@ -67,7 +77,8 @@ class KeptAttention:
             offloader.stats.attention_not_kept += 1
             self.pairs.append(None)  # the recompute computes this one
             return
-        self.pairs.append([offloader.host_copy(t) if m else t for t, m in zip(tensors, move)])
+        # A pair kept on the GPU is held as an alias without autograd history (Note [Kept pairs hold no graph]).
+        self.pairs.append([offloader.host_copy(t) if m else t.detach() for t, m in zip(tensors, move)])
 
     def prefetch(self) -> None:
         for pair in filter(None, self.pairs):
@@ -83,7 +94,7 @@ class KeptAttention:
         self.replayed += 1
         if pair is None:
             return None
-        return tuple(h.take(self.offloader.stats) if isinstance(h, HostCopy) else h for h in pair)
+        return tuple(h.take(self.offloader.stats) if isinstance(h, HostCopy) else h.detach() for h in pair)
 
     def backward_done(self) -> None:
         """This layer's attention backward ran: the first layer of a checkpoint starts bringing back the one before

@@ -3,8 +3,9 @@
 Moments (Note [Where every byte goes] in memory.py): the loss, when every layer's GPU-kept tensors are alive; and
 in each layer's backward its MLP backward, its attention backward and what follows it (the rotary and input
 projections' backward), each with the tensors the layers below keep, the layer's own saved tensors and what was
-prefetched for the layer below by then. The GPU peak is the largest; the host holds everything offloaded at the end
-of the forward, in the pages of the offloader's arena (Note [Host arena]).
+prefetched for the layer below by then; and the optimizer step. Under 'full' training the fp32 gradient shards
+count from their layer's backward on (state.gradients_made). The GPU peak is the largest; the host holds everything
+offloaded at the end of the forward, in the pages of the offloader's arena (Note [Host arena]).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from longseq.plan import memory, placement
 from longseq.plan.attention import attention_backward
 from longseq.plan.choice import Choice
 from longseq.plan.problem import Problem
-from longseq.plan.state import training_state
+from longseq.plan.state import gradients_made, training_state
 from longseq.plan.terms import Peak, Term
 
 ARENA_CHUNK = 1 << 30  # memory/host_arena.CHUNK_BYTES
@@ -74,20 +75,27 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     sizes = {name: _total(terms, tokens) for name, terms in moments.items()}
     totals: dict[int, float] = {}
     kept = [totals.setdefault(id(k), _total(k, tokens)) for k in layout.kept]
-    loss = memory.loss_terms(problem, choice, w)
-    best, best_size, below = ("loss", None), sum(kept) + _total(loss, tokens), 0.0
-    for i in range(problem.shape.layers):
+    loss, layers = memory.loss_terms(problem, choice, w), problem.shape.layers
+    made = {done: gradients_made(problem, choice, done) for done in (*range(layers), None)}
+    best, best_size = ("optimizer step", None), _total(made[None], tokens)
+    if sum(kept) + _total(loss, tokens) >= best_size:
+        best, best_size = ("loss", None), sum(kept) + _total(loss, tokens)
+    below = 0.0
+    for i in range(layers):
+        grads = _total(made[layers - 1 - i], tokens)  # the layers above are done
         for name, size in sizes.items():
             pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
-            if below + size + _total(pre, tokens) > best_size:
-                best, best_size = (name, i), below + size + _total(pre, tokens)
+            if below + grads + size + _total(pre, tokens) > best_size:
+                best, best_size = (name, i), below + grads + size + _total(pre, tokens)
         below += kept[i]
     name, i = best
+    if name == "optimizer step":
+        return Peak(name, fixed + made[None], tokens)
     if name == "loss":
         return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
     pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
     below_terms = [t for k in layout.kept[:i] for t in k]
-    return Peak(f"{name} of layer {i}", fixed + below_terms + pre + moments[name], tokens)
+    return Peak(f"{name} of layer {i}", fixed + made[layers - 1 - i] + below_terms + pre + moments[name], tokens)
 
 
 def host_usage(problem: Problem, choice: Choice, layout: placement.Placement, limit: float) -> Peak:

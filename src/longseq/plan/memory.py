@@ -33,10 +33,9 @@ three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device c
 gradient alone, a chunk's product beside it (Note [Lean rotary backward], memory/rotary.py).
 
 The tensors marked "still held" were seen alive there in real steps on CPU (bench/live_bytes.py,
-tests/test_plan_measured.py); so, under Ulysses, were the recompute's all-to-all buffers beside q, k, v on both
-sides of it. (Layers keeping their attention output on the GPU also held it, with their recomputed input, q, k and
-v, after their backward until the loss was dropped, through the hook on q's gradient; it holds the cache weakly
-now, parallel/ring.py.) Without the cache the one-GPU path is the model's own SDPA (flash, for GQA: dk/dv per query head
+tests/test_plan_measured.py); so were, under Ulysses, the recompute's all-to-all buffers beside q, k, v on both
+sides of it. A layer keeping its attention output on the GPU holds nothing of its recompute after its backward
+(Note [Kept pairs hold no graph], memory/attention_cache.py; tests/test_plan_measured.py checks it over steps). Without the cache the one-GPU path is the model's own SDPA (flash, for GQA: dk/dv per query head
 inside the kernel, and the checkpoint of the layer below already back): 96.6. Before issue 13 (dense copies of
 dout, q and out, all heads in one call, norm outputs kept, the previous checkpoint back one layer ahead) the same
 terms gave 148.8 and 104.6 against the 149 and 105 measured (GPU.md; commit b0d5f37). What changes under Ulysses,

@@ -21,8 +21,6 @@ class Placement:
     """Its checkpoint is on the host."""
     host_pair: list[bool] = field(default_factory=list)
     """Its kept attention output is on the host."""
-    gpu_pair: list[bool] = field(default_factory=list)
-    """Its kept attention output is on the GPU."""
 
 
 def _on_host(per_token: float, problem: Problem) -> bool:
@@ -58,7 +56,6 @@ def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
         result.host.append(host)
         result.offloaded.append(offloaded)
         result.host_pair.append(row[1] == "host")
-        result.gpu_pair.append(row[1] == "gpu" and bool(kept))
     return result
 
 

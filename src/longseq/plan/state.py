@@ -2,7 +2,9 @@
 
 - forward-backward (the benchmarks): bf16 weights and bf16 gradients of every parameter on the GPU.
 - full (`longseq train`): FSDP2 over all sp × dp ranks with fp32 master weights, fp32 gradients and AdamW's two
-  fp32 moments on each rank's shard (16 bytes per parameter, on the host with FSDP2 CPU offload), plus the bf16
+  fp32 moments on each rank's shard (16 bytes per parameter, on the host with FSDP2 CPU offload; on the GPU the
+  gradients exist only from the backward of their layer on: the trainer's zero_grad(set_to_none=True) frees them
+  after each optimizer step, and FSDP2 makes a layer's shard when its reduce-scatter runs), plus the bf16
   copies FSDP2 all-gathers: the root's (embedding, lm_head, final norm; not resharded between forward and
   backward), the current and the prefetched decoder layer, and one layer's gradient in bf16 and in fp32 for the
   reduce-scatter; the root's gradient stays unsharded until the end of backward.
@@ -41,7 +43,7 @@ def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[T
         if ranks == 1:
             return [Term("weights (bf16, frozen)", g, fixed=s.params * e)] + adapters, []
         return [Term("weight shard (bf16, frozen)", g, fixed=s.params * e / ranks)] + gathered + adapters, []
-    shard = Term("FSDP2 shard: fp32 weights, gradients, AdamW moments", g, fixed=s.params * FP32_STATE / ranks)
+    shard = Term("FSDP2 shard: fp32 weights and AdamW moments", g, fixed=s.params * (FP32_STATE - 4) / ranks)
     gathered += [Term("unsharded layer gradient (bf16, and fp32 for the reduce-scatter)", g,
                       fixed=s.layer_params * (e + 4)),
                  Term("unsharded lm_head/embedding gradient (bf16)", g, fixed=s.vocab * s.hidden * e)]
@@ -50,3 +52,14 @@ def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[T
                     fixed=shard.fixed)
         return gathered, [host]
     return [shard] + gathered, []
+
+
+def gradients_made(problem: Problem, choice: Choice, layers_done: int | None) -> list[Term]:
+    """The fp32 gradient shards on the GPU ('full' without FSDP2 CPU offload) once the backward of `layers_done`
+    decoder layers has run; None: all of them, the root's too (at the end of the backward and the optimizer step)."""
+    if problem.workload.training != "full" or choice.fsdp_cpu_offload:
+        return []
+    s = problem.shape
+    params = s.params if layers_done is None else layers_done * s.layer_params
+    return [Term("FSDP2 shard: fp32 gradients made so far", "weights, gradients, optimizer",
+                 fixed=params * 4 / problem.layout.gpus)] if params else []
