@@ -2,6 +2,8 @@
 
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 79                        # one H200: every configuration
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 40 --configs longest      # the longest length, and 1.15× it
+    python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs longest --training lora   # frozen base weights
+    python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs auto --lengths 131072 262144  # AutoMemory
     python -m bench.bench_plan --device cpu                                       # CPU smoke run (tiny model)
 
 Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
@@ -12,6 +14,14 @@ random-weight model, bf16 weights and gradients (training='forward-backward'), t
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
 the live tensors' peak (bench/live_bytes.py) against the plan for the 'cpu' card. Prints a table and writes one
 JSON record per configuration (bench/results/bench_plan.jsonl, and $OUT when set).
+
+--training lora: every base weight frozen (requires_grad False) except the final norm's, and the embeddings' output
+requires grad so that the backward runs through every layer (as adapters make it); no LoRA adapters are made. The
+plan is asked with Workload(training='lora'), whose default rank-16 adapters with fp32 weights, gradients and AdamW
+moments this run does not hold: each record states those bytes (predicted.adapters_gib); the measured peak lacks
+them. --configs auto: the model is built with
+longseq.apply(model, mesh, longseq.AutoMemory(machine=..., training=...)) at each of --lengths; the record holds the
+MemoryConfig the model ran with (longseq.memory_config_in_use), the plan's for that shape and the plan's prediction.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from longseq.plan.planner import Plan, machine_for, plan, plan_longest
 from longseq.plan.problem import Layout, Problem, Workload
 from longseq.plan.search import evaluate
 from longseq.plan.shapes import SHAPES, ModelShape
+from longseq.plan.state import FP32_STATE, lora_params
 
 TINY = ModelShape(name="tiny", hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
 _GIB = 2**30
@@ -43,7 +54,9 @@ CONFIGS = {
     "untiled-64k": (65536, 2048, {"tiled_mlp": False, "tiled_norms": False, "attention_host_layers": _ALL_HOST}),
     "arena-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
     "longest": (None, None, "longest"),
+    "auto": (None, None, "auto"),  # AutoMemory at each of --lengths
 }
+DEFAULT_LENGTHS = {"cuda": [131072], "cpu": [2048]}
 
 
 def problem_for(args, length: int) -> Problem:
@@ -53,7 +66,7 @@ def problem_for(args, length: int) -> Problem:
         shape = shape.with_layers(args.layers)
     machine = machine_for("cpu" if cpu else args.card, gpu_memory_gib=args.gpu_mem_gib,
                           host_memory_gib=args.host_mem_gib)
-    return Problem(shape=shape, layout=Layout(), workload=Workload(length=length, training="forward-backward"),
+    return Problem(shape=shape, layout=Layout(), workload=Workload(length=length, training=args.training),
                    machine=machine, dtype_bytes=4 if cpu else 2, offload_min_bytes=0 if cpu else 1 << 20)
 
 
@@ -77,9 +90,10 @@ def hf_config(shape: ModelShape):
                 max_position_embeddings=1 << 23)
 
 
-def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None) -> dict:
-    """Build the model, apply the plan's MemoryConfig, run a warm-up step and `timed_steps` more; peaks of the last
-    (on CPU: live tensors, bench/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks."""
+def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None, auto=None) -> dict:
+    """Build the model, apply the plan's MemoryConfig (or `auto`, a longseq.AutoMemory, when given), run a warm-up
+    step and `timed_steps` more; peaks of the last (on CPU: live tensors, bench/live_bytes.py). `mesh`: a longseq
+    Mesh when run on several ranks. training='lora': base weights frozen (freeze_base)."""
     import torch
     import transformers
 
@@ -87,12 +101,14 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
     from bench.live_bytes import LiveBytes
     from longseq.memory import offload_stats
 
-    memory = Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
+    memory = auto or Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(problem.shape), dtype=dtype,
                                                               attn_implementation="sdpa").train()
+    if problem.workload.training == "lora":
+        freeze_base(model)
     mesh = mesh or longseq.Mesh()
     longseq.apply(model, mesh, memory)
     batch = longseq.shard_batch(_batch(problem, device), mesh)
@@ -107,7 +123,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
         if device == "cpu":
             with LiveBytes() as live:
                 step()
-            resident = sum(2 * p.numel() * p.element_size() for p in model.parameters())
+            resident = sum((1 + p.requires_grad) * p.numel() * p.element_size() for p in model.parameters())
             result.update(gpu_gib=(live.peak + resident) / _GIB, left_after_step_gib=live.alive() / _GIB)
         else:
             torch.cuda.synchronize()
@@ -120,13 +136,25 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
                           gpu_gib=torch.cuda.max_memory_allocated() / _GIB, host_gib=_peak_rss() / _GIB)
     except torch.OutOfMemoryError:
         result["oom"] = True
-    stats = offload_stats(model) if memory.offload_checkpoints else None
+    in_use = longseq.memory_config_in_use(model)  # under AutoMemory: None when the first forward ran out of memory
+    if auto is not None:
+        result["memory_in_use"] = None if in_use is None else dataclasses.asdict(in_use)
+    stats = offload_stats(model) if in_use is not None and in_use.offload_checkpoints else None
     if stats is not None:
         result.update(offloaded_peak_gib=stats.peak_bytes / _GIB, arena_peak_gib=stats.arena_peak_bytes / _GIB,
                       attention_not_kept=stats.attention_not_kept, checkpoints_on_device=stats.checkpoints_on_device)
     if device == "cpu":  # the host: what the offloader's arena took (the process itself is not modelled there)
         result["host_gib"] = result.get("arena_peak_gib", 0.0)
     return result
+
+
+def freeze_base(model) -> None:
+    """training='lora' without adapters: every weight frozen but the final norm's; the embeddings' output requires
+    grad (as with adapters on the first layer), so the backward runs through every decoder layer."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_decoder().norm.weight.requires_grad_(True)
+    model.enable_input_require_grads()
 
 
 def _batch(problem: Problem, device: str) -> dict:
@@ -147,22 +175,32 @@ def _peak_rss() -> int:
 def run_one(args, name: str, length: int, how) -> dict:
     """Predict and measure one configuration; the record of it."""
     problem = problem_for(args, length)
-    choice = choose(problem, how)
+    choice = choose(problem, "plan" if how == "auto" else how)  # AutoMemory should run the plan's choice
     record = dict(bench="bench_plan", config=name, length=length, device=args.device, shape=problem.shape.name,
-                  layers=problem.shape.layers, gpu_mem_gib=problem.machine.gpu_memory_gib)
-    record["plan_fits"] = plan(problem).fits  # whether any configuration fits this length
+                  layers=problem.shape.layers, gpu_mem_gib=problem.machine.gpu_memory_gib, training=args.training)
+    planned = plan(problem)
+    record["plan_fits"] = planned.fits  # whether any configuration fits this length
     if choice is None:
         return record
     predicted = evaluate(problem, choice)
     record.update(choice=predicted.choice.as_dict(), predicted=dict(
         gpu_gib=predicted.footprint.gpu.bytes / _GIB, moment=predicted.footprint.gpu.moment,
         host_gib=predicted.footprint.host.bytes / _GIB, step_s=predicted.time.seconds))
+    if args.training == "lora":  # in the prediction, not in the run (the module docstring)
+        record["predicted"]["adapters_gib"] = lora_params(problem) * FP32_STATE / _GIB
+    auto = None
+    if how == "auto":
+        import longseq
+
+        record["plan_memory"] = dataclasses.asdict(planned.memory_config())
+        auto = longseq.AutoMemory(machine=problem.machine, training=args.training,
+                                  offload_min_bytes=problem.offload_min_bytes)
     if args.device == "cuda":
         import torch
 
         cap = problem.machine.gpu_memory_gib * _GIB / torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap))
-    record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps)
+    record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps, auto=auto)
     return record
 
 
@@ -171,6 +209,9 @@ def configs_to_run(args) -> list[tuple[str, int, object]]:
     runs = []
     for name in args.configs:
         gpu_length, cpu_length, how = CONFIGS[name]
+        if how == "auto":
+            runs += [(name, length, how) for length in args.lengths or DEFAULT_LENGTHS[args.device]]
+            continue
         if how != "longest":
             runs.append((name, cpu_length if args.device == "cpu" else gpu_length, how))
             continue
@@ -190,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host-mem-gib", type=float, default=None)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--timed-steps", type=int, default=1)
+    parser.add_argument("--training", choices=("forward-backward", "lora"), default="forward-backward",
+                        help="lora: base weights frozen but the final norm (no adapters), planned as 'lora'")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="--configs auto: the lengths to run (default 131072 on cuda, 2048 on cpu)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON [name, length, how]: run it here, print the record
     args = parser.parse_args(argv)
     if args.one:

@@ -35,3 +35,32 @@ def test_bench_plan_runs_in_fresh_processes(monkeypatch, capsys):
         assert abs(row["predicted"]["gpu_gib"] / row["measured"]["gpu_gib"] - 1) < 0.02
         assert row["predicted"]["host_gib"] == row["measured"]["host_gib"]
     assert abs(record["summary"]["gpu_gib_worst_error"]) < 0.02
+
+
+def _bench_rows(monkeypatch, capsys, argv: list[str]) -> dict:
+    monkeypatch.setattr("bench.common.write_record", lambda name, record: print(json.dumps(record)))
+    bench_plan.main(argv)
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return {(row["config"], row["length"]): row for row in record["rows"]}
+
+
+def test_bench_plan_lora_freezes_the_base_weights(monkeypatch, capsys):
+    rows = _bench_rows(monkeypatch, capsys, ["--device", "cpu", "--configs", "plan-32k", "--training", "lora"])
+    row = rows["plan-32k", 2048]
+    assert row["training"] == "lora" and row["plan_fits"] and not row["measured"]["oom"]
+    assert row["predicted"]["host_gib"] == row["measured"]["host_gib"]
+    # Frozen weights: no weight gradients, and the plan (planned as 'lora', with adapters the run lacks) is not
+    # below what the run held.
+    predicted = row["predicted"]["gpu_gib"] - row["predicted"]["adapters_gib"]
+    assert 1.0 <= predicted / row["measured"]["gpu_gib"] < 1.3
+
+
+def test_bench_plan_auto_runs_what_the_plan_chose(monkeypatch, capsys):
+    rows = _bench_rows(monkeypatch, capsys, ["--device", "cpu", "--configs", "auto", "--lengths", "1024", "2048"])
+    assert set(rows) == {("auto", 1024), ("auto", 2048)}
+    for row in rows.values():
+        assert row["plan_fits"] and not row["measured"]["oom"]
+        assert row["measured"]["memory_in_use"] == row["plan_memory"]
+    assert rows["auto", 1024]["plan_memory"] != rows["auto", 2048]["plan_memory"]  # the plan differs per length
+    auto = rows["auto", 2048]  # checkpoints offloaded: the plan's peak as exact as in the configurations above
+    assert abs(auto["predicted"]["gpu_gib"] / auto["measured"]["gpu_gib"] - 1) < 0.02
