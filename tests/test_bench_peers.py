@@ -22,16 +22,21 @@ RUN_FIELDS = ("first_step_loss", "step_s", "step_s_min", "peak_gib", "host_peak_
               "gemm_tflops", "pct_of_ideal", "settings", "card", "torch", "transformers")
 
 
-def test_run_peers_on_cpu_records_every_field_and_losses_agree(tmp_path):
-    results = tmp_path / "peers.jsonl"
+def drive(results, *args: str) -> subprocess.CompletedProcess:
+    """`bench.run_peers drive` on CPU at the tiny shape and 64 tokens, its records in `results`."""
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "bench.run_peers", "drive", "--device", "cpu", "--cpus", "1",
-                          "--gpus", "2", "--jobs", "2", "--shape", "tiny", "--lengths", "64", "--timed", "2",
-                          "--contenders", "hf", "hf-offload", "longseq", "--code", "test", "--call", "0",
-                          "--results", str(results), "--timeout", "240", "--budget", "600"],
+                          "--shape", "tiny", "--lengths", "64", "--code", "test", "--call", "0",
+                          "--results", str(results), "--timeout", "240", "--budget", "600", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return run
+
+
+def test_run_peers_on_cpu_records_every_field_and_losses_agree(tmp_path):
+    results = tmp_path / "peers.jsonl"
+    run = drive(results, "--gpus", "2", "--jobs", "2", "--timed", "2", "--contenders", "hf", "hf-offload", "longseq")
     assert json.loads(run.stdout.strip().splitlines()[-1])["bench"] == "peers"
     records = {r["contender"]: r for r in map(json.loads, results.read_text().splitlines())}
     for name in ("hf", "longseq"):
@@ -51,14 +56,7 @@ def test_run_peers_on_cpu_records_every_field_and_losses_agree(tmp_path):
 
 def test_run_peers_longseq_auto_records_the_config_it_chose(tmp_path):
     results = tmp_path / "peers.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-m", "bench.run_peers", "drive", "--device", "cpu", "--cpus", "1",
-                          "--gpus", "1", "--jobs", "1", "--shape", "tiny", "--lengths", "64", "--timed", "1",
-                          "--contenders", "longseq", "--memory", "auto", "--code", "test", "--call", "0",
-                          "--results", str(results), "--timeout", "240", "--budget", "600"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    drive(results, "--gpus", "1", "--jobs", "1", "--timed", "1", "--contenders", "longseq", "--memory", "auto")
     (record,) = map(json.loads, results.read_text().splitlines())
     assert record["status"] == "ok", record
     chosen = record["memory_in_use"]  # 64 tokens: the plan switches checkpointing and the norms' tiling off
