@@ -44,18 +44,13 @@ import sys
 from collections.abc import Callable
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half  # the rotation every standard family shares
 
 _CHUNK_BYTES = 64 << 20  # one chunk's half-product in the backward
 _installed: dict[str, Callable] = {}  # modeling module name -> its original apply_rotary_pos_emb
 _checked: dict[str, bool] = {}  # modeling module name -> whether the lean function matched its own
 _SIGNATURE = [("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty), ("cos", inspect.Parameter.empty),
               ("sin", inspect.Parameter.empty), ("unsqueeze_dim", 1)]  # transformers' apply_rotary_pos_emb
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
