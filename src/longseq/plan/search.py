@@ -37,7 +37,7 @@ from longseq.plan.footprint import Footprint, footprint
 from longseq.plan.problem import Problem
 from longseq.plan.timing import StepTime, step_time
 
-TILES = (256, 64)
+TILES = (4096, 1024, 256, 64)  # tile_memory_mib: larger tiles, fewer weight-gradient passes (Note [Step time])
 ATTENTION_MIB = (1024, 256)
 DENSITIES = (1, 2, 4)
 NORMS = ((True, True), (True, False), (False, False))  # (tiled_norms, fuse_norms)
