@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from longseq.plan.choice import Choice
 from longseq.plan.footprint import Footprint, footprint
+from longseq.plan.memory import effective
 from longseq.plan.problem import Problem
 from longseq.plan.timing import StepTime, step_time
 
@@ -66,6 +67,8 @@ class Evaluation:
 
 
 def evaluate(problem: Problem, choice: Choice) -> Evaluation:
+    """`choice` as it runs (a tiled MLP of one tile is the untiled MLP: memory.effective), under the model."""
+    choice = effective(problem, choice)
     usage = footprint(problem, choice)
     host_per_host = usage.host.bytes * problem.ranks_per_host
     return Evaluation(choice=choice, footprint=usage, time=step_time(problem, choice),
