@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from longseq.parallel.causal_conv import causal_conv, conv_plan
 from longseq.parallel.delta_rule import (
-    Segment, chunk_layout, chunk_maps, chunk_outputs, from_chunks, gated_delta_rule, l2_normalize, prepare, scan,
+    Segment, block_outputs, block_run_maps, chunk_layout, chunk_maps, chunk_outputs, chunked, from_chunks,
+    gated_delta_rule, in_blocks, l2_normalize, prepare, scan,
 )
 
 TOL = dict(atol=1e-10, rtol=1e-9)
@@ -119,3 +122,71 @@ def test_causal_conv_documents_and_halo():
     torch.testing.assert_close(out, ref, **TOL)
     for got, want in zip(_grads(out, (x, weight)), _grads(ref, (x, weight))):
         torch.testing.assert_close(got, want, **TOL)
+
+
+def _blocked(tensors, layout, block_chunks, incoming=None):
+    """Outputs (B, H, n, C, dv) and, with `incoming`, run maps, through blocks of `block_chunks` chunks."""
+    blocks = in_blocks(chunked(*tensors, layout), block_chunks)
+    out = block_outputs(blocks, layout, incoming)
+    return (out,) if incoming is None else (out, *block_run_maps(blocks, layout))
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2])
+def test_blocks_match_one_block(block_chunks):
+    """Blocks of 1 and 2 chunks (boundaries inside documents and linked runs) give the outputs, run maps and every
+    gradient (inputs and incoming states) of the whole sequence at once, as chunk_maps, scan, chunk_outputs."""
+    tensors = inputs(length=300)
+    segments = [[Segment(start=0, length=100), Segment(start=100, length=70, linked=True, run=0),
+                 Segment(start=170, length=130, linked=True, run=1)],
+                [Segment(start=0, length=170, linked=True, run=0), Segment(start=170, length=1, linked=True, run=1),
+                 Segment(start=171, length=129)]]
+    layout = chunk_layout(segments, 300, run_ends=[[1, 2], [0, 2]])
+    incoming = torch.randn(2, 4, 2, 16, 8, dtype=torch.float64, requires_grad=True)
+    maps = chunk_maps(*prepare(*tensors, layout))
+    result = scan(maps, layout, linking=True)
+    whole = (chunk_outputs(maps, result, incoming, layout), *result.run_maps)
+    blocked = _blocked(tensors, layout, block_chunks, incoming)
+    for got, want in zip(blocked, whole):
+        torch.testing.assert_close(got, want, **TOL)
+    flat = [torch.cat([x.flatten() for x in outputs]) for outputs in (blocked, whole)]
+    for got, want in zip(_grads(flat[0], [*tensors, incoming]), _grads(flat[1], [*tensors, incoming])):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def _saved_and_backward_bytes(length, dk=64):
+    """Bytes the rule keeps for its backward (saved tensors, each storage once) and bytes its backward allocates."""
+    tensors = [t.detach().float().requires_grad_() for t in inputs(rows=1, length=length, dk=dk, dv=dk)]
+    layout = chunk_layout([[Segment(start=0, length=length)]], length)
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = gated_delta_rule(*tensors, layout)
+    with _BackwardAllocations() as allocated:
+        out.square().sum().backward()
+    return sum(saved.values()), allocated.bytes
+
+
+class _BackwardAllocations(TorchDispatchMode):
+    """Bytes of the tensors that operators return while an autograd node runs."""
+
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_autograd_node() is not None:
+            self.bytes += sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_memory_per_token_bounded():
+    """Note [Chunked gated delta rule], Blocks: what stays for the backward is the inputs in chunk form (plus one
+    state per block), and the backward's allocations grow like the length, not like its square (as a scan that
+    indexes one chunk of a whole-sequence tensor per step makes them)."""
+    short, long = (_saved_and_backward_bytes(64 * chunks) for chunks in (64, 128))
+    inputs_bytes = 64 * 128 * 4 * (2 * 2 * 64 + 4 * 64 + 2 * 4)  # q, k (2 heads), v, g, beta (4 heads), fp32
+    assert long[0] < 1.2 * inputs_bytes, (long[0], inputs_bytes)
+    assert long[1] < 2.2 * short[1], (short[1], long[1])

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import longseq
-from longseq.parallel import linear_attention
+from longseq.parallel import delta_rule, linear_attention
 from longseq.parallel.documents import document_boundaries
 from tests.distributed import run_distributed
 from tests.models import HYBRIDS, batch, tiny_model
@@ -142,6 +142,20 @@ def _memory_features():
 
 def test_memory_features():
     run_distributed(_memory_features, 2)
+
+
+def _blocks_of_one_chunk(mode: str):
+    """The recurrence in blocks of one chunk (Note [Chunked gated delta rule], Blocks), each recomputed in the
+    backward inside the decoder layers' offloaded checkpoints."""
+    delta_rule.BLOCK_CHUNKS = 1
+    memory = longseq.MemoryConfig(tile_tokens=16, offload_min_bytes=0)
+    data = batch(length=300, rows=2, documents=[1, 170, 129])  # documents of 3 chunks, crossing the ranks
+    compare(tiny_model("qwen3_next"), data, longseq.init_mesh(sp=2), mode, memory=memory)
+
+
+@pytest.mark.parametrize("mode", ["heads", "state"])
+def test_blocks_of_one_chunk(mode):
+    run_distributed(_blocks_of_one_chunk, 2, mode)
 
 
 def test_documents_without_sp():

@@ -62,7 +62,7 @@ def causal_conv(x: torch.Tensor, halo: torch.Tensor | None, weight: torch.Tensor
     source, dest = x.flatten(0, 1), plan.token_dest
     if halo is not None and halo.shape[1]:
         source, dest = torch.cat([source, halo.flatten(0, 1)]), torch.cat([dest, plan.halo_dest])
-    stream = source.new_zeros(plan.length, channels).index_copy(0, dest, source)
+    stream = source.new_zeros(plan.length, channels).index_put((dest,), source)  # keeps no copy of x for backward
     out = F.conv1d(stream.t().unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, groups=channels)[0]
     if activation is not None:
         out = ACT2FN[activation](out)

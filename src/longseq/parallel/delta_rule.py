@@ -33,16 +33,38 @@ document whose earlier tokens another rank holds, from a state S_in that is not 
 next to the state S⁰ computed from S_in = 0, the transition P (dk × dk) from S_in: X = [S⁰ | P] starts at [0 | I]
 and goes through the same maps (P ↦ A P). After the scan, a chunk's true start state is S⁰ + P S_in, and the end of
 a run of chunks gives the run's own map (A_run, B_run) = (P_end, S⁰_end), which is what ranks exchange.
+
+Blocks. The maps of every chunk at once would be ~13 KiB per token and value head in fp32 (dk = dv = 128), all of it
+kept for the backward; and a scan that reads chunk c as `maps[:, :, c]` of whole-sequence tensors gets back, in the
+backward, one whole-sequence gradient per chunk: O(chunks²) memory traffic (one layer's step took 3.9× as long at
+128K tokens as at 64K on an H200, device call 31). So the chunks go through in blocks of BLOCK_CHUNKS. A block
+computes its maps, scans them from the carry the block before it ended with (S⁰, and P when linking) and yields its
+outputs, or its share of the run maps, and its own end carry. Each block is recomputed in its backward (activation
+checkpointing): what stays from forward to backward is the chunked inputs, in the model's dtype, and one carry per
+block; a backward holds one block's maps at a time. Inside a block the scan unbinds the maps once, so its backward
+joins their gradients once. With state passing the blocks run twice: once for the run maps, and after the exchange
+for the outputs.
+
+    chunked q, k, v, g, β ──┬────────────────┬────────────────┬─── …
+                            ▼                ▼                ▼
+                zeros ─▶ [block 0] ─carry─▶ [block 1] ─carry─▶ [block 2] ─▶ …    maps, scan, outputs per block
+                            │ out            │ out            │ out
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 CHUNK_TOKENS = 64
 """Tokens per chunk (transformers' reference and flash-linear-attention use 64 as well)."""
+
+BLOCK_CHUNKS = 32
+"""Chunks per block (Note [Chunked gated delta rule], Blocks): one block's maps and their graph, ~13 KiB per token and
+value head, are ~0.8 GiB for a row of Qwen3-Next's 32 value heads."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +87,8 @@ class ChunkLayout:
     rows: int
     chunks: int
     dest: torch.Tensor
-    """(rows · local length,) the flat chunk-token slot of each token (row-major)."""
+    """(rows · local length,) the flat chunk-token slot of each token (row-major); a block's layout keeps the whole
+    layout's."""
     keep: torch.Tensor
     """(rows, chunks) 1.0 where a chunk continues from the chunk before it, 0.0 where the state restarts."""
     link: torch.Tensor
@@ -73,7 +96,16 @@ class ChunkLayout:
     chunk_run: torch.Tensor
     """(rows, chunks) the incoming state that each chunk's transition refers to."""
     run_ends: torch.Tensor
-    """(rows, runs) the last chunk of each of the rank's runs (their maps are exchanged); (rows, 0) without state passing."""
+    """(rows, runs) the last chunk of each of the rank's runs (their maps are exchanged); (rows, 0) without state
+    passing; −1 in a block's layout where the run ends outside the block."""
+
+    def block(self, start: int, stop: int) -> ChunkLayout:
+        """Chunks start..stop − 1 as a layout of their own (Note [Chunked gated delta rule], Blocks)."""
+        ends = self.run_ends - start
+        return dataclasses.replace(
+            self, chunks=stop - start, keep=self.keep[:, start:stop], link=self.link[:, start:stop],
+            chunk_run=self.chunk_run[:, start:stop], run_ends=ends.masked_fill((ends < 0) | (ends >= stop - start), -1),
+        )
 
 
 def chunk_layout(segments: list[list[Segment]], local_length: int, run_ends: list[list[int]] | None = None,
@@ -116,9 +148,10 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def to_chunks(x: torch.Tensor, layout: ChunkLayout, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """(B, L, H, ...) token-major → (B, H, n, C, ...) on the layout's chunk slots (zeros elsewhere)."""
+    """(B, L, H, ...) token-major → (B, H, n, C, ...) on the layout's chunk slots (zeros elsewhere). index_put, unlike
+    index_copy, keeps only the index for its backward, not x."""
     flat = x.flatten(0, 1)
-    slots = flat.new_zeros(layout.rows * layout.chunks * chunk, *flat.shape[1:]).index_copy(0, layout.dest, flat)
+    slots = flat.new_zeros(layout.rows * layout.chunks * chunk, *flat.shape[1:]).index_put((layout.dest,), flat)
     slots = slots.view(layout.rows, layout.chunks, chunk, *flat.shape[1:])
     return slots.movedim(3, 1)
 
@@ -161,45 +194,54 @@ def chunk_maps(q, k, v, g, beta) -> ChunkMaps:
 @dataclass(frozen=True)
 class Scan:
     """Per chunk, the start state from S_in = 0 (B, H, n, dk, dv) and, when linking, the transition from S_in
-    (B, H, n, dk, dk; None otherwise); per run, its map (A_run, B_run) (B, H, runs, dk, dk / dv; None without runs)."""
+    (B, H, n, dk, dk; None otherwise); per run, its map (A_run, B_run) (B, H, runs, dk, dk / dv; None without runs;
+    zero for a run that ends outside a block); the carry after the last chunk (S⁰, and P or None)."""
 
     starts: torch.Tensor
     transitions: torch.Tensor | None
     run_maps: tuple[torch.Tensor, torch.Tensor] | None
+    end: tuple[torch.Tensor, torch.Tensor | None]
 
 
-def scan(maps: ChunkMaps, layout: ChunkLayout, linking: bool) -> Scan:
-    """S_c = A_c S_{c−1} + B_c over the chunks of every row and head, restarting where the layout says."""
-    rows, heads, chunks, dk, dv = maps.update.shape
-    state = maps.update.new_zeros(rows, heads, dk, dv)
-    transition = maps.update.new_zeros(rows, heads, dk, dk) if linking else None
+def scan(maps: ChunkMaps, layout: ChunkLayout, linking: bool,
+         carry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Scan:
+    """S_c = A_c S_{c−1} + B_c over the chunks of every row and head, restarting where the layout says, from `carry`
+    (the end of the block before; zeros if None)."""
+    rows, heads, _, dk, dv = maps.update.shape
+    if carry is None:
+        carry = (maps.update.new_zeros(rows, heads, dk, dv),
+                 maps.update.new_zeros(rows, heads, dk, dk) if linking else None)
+    state, transition = carry
     eye = torch.eye(dk, dtype=state.dtype, device=state.device)
-    keep, link = layout.keep.to(state.dtype), layout.link.to(state.dtype)
+    keep, link = layout.keep.to(state.dtype).unbind(1), layout.link.to(state.dtype).unbind(1)
     starts, transitions = [], []
-    for c in range(chunks):
-        state = state * keep[:, c, None, None, None]
+    for c, (a, b) in enumerate(zip(maps.transition.unbind(2), maps.update.unbind(2))):
+        state = state * keep[c][:, None, None, None]
         starts.append(state)
-        state = maps.transition[:, :, c] @ state + maps.update[:, :, c]
+        state = a @ state + b
         if linking:
-            transition = transition * keep[:, c, None, None, None] + link[:, c, None, None, None] * eye
+            transition = transition * keep[c][:, None, None, None] + link[c][:, None, None, None] * eye
             transitions.append(transition)
-            transition = maps.transition[:, :, c] @ transition
+            transition = a @ transition
     starts = torch.stack(starts, dim=2)
     transitions = torch.stack(transitions, dim=2) if linking else None
-    return Scan(starts, transitions, _run_maps(maps, starts, transitions, layout) if linking else None)
+    run_maps = _run_maps(maps, starts, transitions, layout) if linking else None
+    return Scan(starts, transitions, run_maps, (state, transition))
 
 
 def _run_maps(maps: ChunkMaps, starts, transitions, layout: ChunkLayout):
-    """(A_run, B_run) at each run's last chunk: that chunk's map applied to its start."""
+    """(A_run, B_run) at each run's last chunk: that chunk's map applied to its start (zero where it is not here)."""
     if layout.run_ends.shape[1] == 0:
         return None
+    here = (layout.run_ends >= 0)[:, None, :, None, None]
 
     def at_ends(x):
-        index = layout.run_ends[:, None, :].expand(-1, x.shape[1], -1)
+        index = layout.run_ends.clamp(min=0)[:, None, :].expand(-1, x.shape[1], -1)
         return x.gather(2, index.reshape(*index.shape, 1, 1).expand(-1, -1, -1, *x.shape[-2:]))
 
     a = at_ends(maps.transition)
-    return a @ at_ends(transitions), a @ at_ends(starts) + at_ends(maps.update)
+    transition, update = a @ at_ends(transitions), a @ at_ends(starts) + at_ends(maps.update)
+    return torch.where(here, transition, 0.0), torch.where(here, update, 0.0)
 
 
 def chunk_outputs(maps: ChunkMaps, result: Scan, incoming: torch.Tensor | None, layout: ChunkLayout) -> torch.Tensor:
@@ -213,23 +255,84 @@ def chunk_outputs(maps: ChunkMaps, result: Scan, incoming: torch.Tensor | None, 
 
 
 def prepare(q, k, v, g, beta, layout: ChunkLayout):
-    """Token-major model tensors → chunked fp32 inputs of chunk_maps: q, k l2-normalised, q scaled by dk^-½, key
-    heads repeated for grouped value heads (each key head serves Hv/Hk consecutive value heads). fp32 (fp64 stays)."""
-    groups = v.shape[2] // k.shape[2]
+    """Token-major model tensors → chunked fp32 inputs of chunk_maps (`normalized` of `chunked`)."""
+    return normalized(*chunked(q, k, v, g, beta, layout))
+
+
+def chunked(q, k, v, g, beta, layout: ChunkLayout):
+    """Token-major model tensors → (B, H, n, C, ...) on the layout's chunk slots, in their own dtypes and heads."""
+    return tuple(to_chunks(x, layout) for x in (q, k, v, g, beta))
+
+
+def normalized(q, k, v, g, beta):
+    """Chunked model tensors → the inputs of chunk_maps: q, k l2-normalised, q scaled by dk^-½, key heads repeated
+    for grouped value heads (each key head serves Hv/Hk consecutive value heads); fp32 (fp64 stays)."""
+    groups = v.shape[1] // k.shape[1]
     if groups > 1:
-        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+        q, k = q.repeat_interleave(groups, dim=1), k.repeat_interleave(groups, dim=1)
     dtype = torch.promote_types(v.dtype, torch.float32)
     q = l2_normalize(q.to(dtype))
     q = q * q.shape[-1] ** -0.5
     k = l2_normalize(k.to(dtype))
-    return tuple(to_chunks(x.to(dtype), layout) for x in (q, k, v, g, beta))
+    return q, k, v.to(dtype), g.to(dtype), beta.to(dtype)
 
 
 def gated_delta_rule(q, k, v, g, beta, layout: ChunkLayout, incoming=None) -> torch.Tensor:
     """The gated delta rule over the layout's segments, without state from elsewhere (`incoming` None) or with the
     incoming states (B, H, runs, dk, dv) of linked segments. q, k (B, L, Hk, dk), v (B, L, Hv, dv), g, beta
     (B, L, Hv); returns (B, L, Hv, dv) in v's dtype."""
-    maps = chunk_maps(*prepare(q, k, v, g, beta, layout))
-    result = scan(maps, layout, linking=incoming is not None)
-    return from_chunks(chunk_outputs(maps, result, incoming, layout), layout, q.shape[1]).to(v.dtype)
+    blocks = in_blocks(chunked(q, k, v, g, beta, layout))
+    return from_chunks(block_outputs(blocks, layout, incoming), layout, q.shape[1])
 
+
+def in_blocks(tensors, block_chunks: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """`chunked`'s tensors cut into blocks of `block_chunks` (default BLOCK_CHUNKS) chunks: (q, k, v, g, beta) per
+    block. One split per tensor, so that the backward joins the blocks' gradients once."""
+    pieces = [x.split(block_chunks or BLOCK_CHUNKS, dim=2) for x in tensors]
+    return list(zip(*pieces))
+
+
+def block_outputs(blocks, layout: ChunkLayout, incoming=None) -> torch.Tensor:
+    """Every chunk's outputs (B, H, n, C, dv) in v's dtype, block by block (Note [Chunked gated delta rule], Blocks)."""
+    state = transition = None
+    start, outputs = 0, []
+    for block in blocks:
+        stop = start + block[0].shape[2]
+        out, state, transition = _recomputed(_block_outputs, *block, state, transition, incoming,
+                                             layout.block(start, stop))
+        outputs.append(out)
+        start = stop
+    return torch.cat(outputs, dim=2)
+
+
+def block_run_maps(blocks, layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each run's map (A_run, B_run) (B, H, runs, dk, dk / dv), block by block, carrying the transition P."""
+    state = transition = total = None
+    start = 0
+    for block in blocks:
+        stop = start + block[0].shape[2]
+        run_maps, state, transition = _recomputed(_block_run_maps, *block, state, transition,
+                                                  layout.block(start, stop))
+        total = run_maps if total is None else (total[0] + run_maps[0], total[1] + run_maps[1])
+        start = stop
+    return total
+
+
+def _recomputed(fn, *args):
+    """fn(*args), its intermediates recomputed in the backward rather than kept (the tensors among args are kept)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _block_outputs(q, k, v, g, beta, state, transition, incoming, layout: ChunkLayout):
+    maps = chunk_maps(*normalized(q, k, v, g, beta))
+    carry = None if state is None else (state, transition)
+    result = scan(maps, layout, linking=incoming is not None, carry=carry)
+    return chunk_outputs(maps, result, incoming, layout).to(v.dtype), *result.end
+
+
+def _block_run_maps(q, k, v, g, beta, state, transition, layout: ChunkLayout):
+    carry = None if state is None else (state, transition)
+    result = scan(chunk_maps(*normalized(q, k, v, g, beta)), layout, linking=True, carry=carry)
+    return result.run_maps, *result.end

@@ -43,7 +43,8 @@ from longseq.mesh import Mesh
 from longseq.parallel.balance import zigzag_order
 from longseq.parallel.causal_conv import ConvPlan, causal_conv, conv_plan
 from longseq.parallel.delta_rule import (
-    ChunkLayout, Segment, chunk_layout, chunk_maps, chunk_outputs, from_chunks, gated_delta_rule, prepare, scan,
+    ChunkLayout, Segment, block_outputs, block_run_maps, chunk_layout, chunked, from_chunks, gated_delta_rule,
+    in_blocks,
 )
 from longseq.parallel.state_passing import gather_halos, incoming_states
 
@@ -264,12 +265,11 @@ def _convolve(sharding, plan, q, k, v, k_heads, v_heads, weights: GatedDeltaNetW
 
 def _passed_delta_rule(sharding, plan, q, k, v, g, beta) -> torch.Tensor:
     """The recurrence with states passed between the ranks (Note [Linear attention state passing])."""
-    maps = chunk_maps(*prepare(q, k, v, g, beta, plan.chunks))
-    result = scan(maps, plan.chunks, linking=True)
-    transitions, updates = (F.pad(m, (0, 0, 0, 0, 0, plan.runs_max - m.shape[2])) for m in result.run_maps)
+    blocks = in_blocks(chunked(q, k, v, g, beta, plan.chunks))
+    run_maps = block_run_maps(blocks, plan.chunks)
+    transitions, updates = (F.pad(m, (0, 0, 0, 0, 0, plan.runs_max - m.shape[2])) for m in run_maps)
     incoming = incoming_states(sharding.state_group, transitions, updates, plan.order, plan.mine)
-    out = chunk_outputs(maps, result, incoming, plan.chunks)
-    return from_chunks(out, plan.chunks, q.shape[1]).to(v.dtype)
+    return from_chunks(block_outputs(blocks, plan.chunks, incoming), plan.chunks, q.shape[1])
 
 
 def _exchange_heads(sharding, q, k, v, b, a):
