@@ -213,14 +213,14 @@ def scan(maps: ChunkMaps, layout: ChunkLayout, linking: bool,
                  maps.update.new_zeros(rows, heads, dk, dk) if linking else None)
     state, transition = carry
     eye = torch.eye(dk, dtype=state.dtype, device=state.device)
-    keep, link = layout.keep.to(state.dtype).unbind(1), layout.link.to(state.dtype).unbind(1)
+    keep, link = (x.to(state.dtype)[:, :, None, None, None].unbind(1) for x in (layout.keep, layout.link))
     starts, transitions = [], []
-    for c, (a, b) in enumerate(zip(maps.transition.unbind(2), maps.update.unbind(2))):
-        state = state * keep[c][:, None, None, None]
+    for a, b, kept, linked in zip(maps.transition.unbind(2), maps.update.unbind(2), keep, link):
+        state = state * kept
         starts.append(state)
         state = a @ state + b
         if linking:
-            transition = transition * keep[c][:, None, None, None] + link[c][:, None, None, None] * eye
+            transition = transition * kept + linked * eye
             transitions.append(transition)
             transition = a @ transition
     starts = torch.stack(starts, dim=2)
