@@ -12,7 +12,7 @@ length whose offloaded blocks are not powers of two (in the host arena's chunks)
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
-the live tensors' peak (bench/live_bytes.py) against the plan for the 'cpu' card. Prints a table and writes one
+the live tensors' peak (plan/live_bytes.py) against the plan for the 'cpu' card. Prints a table and writes one
 JSON record per configuration (bench/results/bench_plan.jsonl, and $OUT when set).
 
 --training lora: every base weight frozen (requires_grad False) except the final norm's, and the embeddings' output
@@ -90,23 +90,25 @@ def hf_config(shape: ModelShape):
                 max_position_embeddings=1 << 23)
 
 
-def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None, auto=None) -> dict:
-    """Build the model, apply the plan's MemoryConfig (or `auto`, a longseq.AutoMemory, when given), run a warm-up
-    step and `timed_steps` more; peaks of the last (on CPU: live tensors, bench/live_bytes.py). `mesh`: a longseq
-    Mesh when run on several ranks. training='lora': base weights frozen (freeze_base)."""
+def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None, auto=None,
+            build=None) -> dict:
+    """Build the model (the shape's Llama or Qwen3, or `build()`'s), apply the plan's MemoryConfig (or `auto`, a
+    longseq.AutoMemory, when given), run a warm-up step and `timed_steps` more; peaks of the last (on CPU: live
+    tensors, plan/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights
+    frozen (freeze_base)."""
     import torch
     import transformers
 
     import longseq
-    from bench.live_bytes import LiveBytes
+    from longseq.plan.live_bytes import LiveBytes
     from longseq.memory import offload_stats
 
     memory = auto or Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(problem.shape), dtype=dtype,
-                                                              attn_implementation="sdpa").train()
+        model = build() if build is not None else transformers.AutoModelForCausalLM.from_config(
+            hf_config(problem.shape), dtype=dtype, attn_implementation="sdpa").train()
     if problem.workload.training == "lora":
         freeze_base(model)
     mesh = mesh or longseq.Mesh()

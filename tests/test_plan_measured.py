@@ -1,4 +1,4 @@
-"""The memory model against the code itself: live tensors of real training steps on CPU (bench/live_bytes.py).
+"""The memory model against the code itself: live tensors of real training steps on CPU (plan/live_bytes.py).
 
 A tiny Llama in fp32 runs forward + backward under the plan's MemoryConfig at two lengths; the live tensors' peak
 grows per token exactly as the plan's terms say (kernel-internal buffers aside: the 'cpu' card counts none), the
