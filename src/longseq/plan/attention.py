@@ -99,10 +99,11 @@ def _band_terms(problem: Problem, w) -> list[Term]:
     heads, window, length = shape.heads // w.ulysses, shape.sliding_window, problem.workload.document
     rows = max(1, min(length, window, BAND_SCORES // (batch * heads * 2 * min(window, length))))
     chunk = 3 * batch * heads * rows * min(length, rows + window - 1) * 4
-    cast = problem.tokens * (w.q + 2 * w.kv) if w.fp32 > 1 else 0.0
-    return [Term("band dq, dk, dv (fp32) and delta", _G, w.fp32 * (w.q + 2 * w.kv) + w.lse),
-            Term("band: one chunk's probabilities and their gradients (fp32), or the gradients cast back", _G,
-                 fixed=max(chunk, cast))]
+    cast = (w.q + 2 * w.kv) if w.fp32 > 1 else 0.0
+    terms = [Term("band dq, dk, dv (fp32) and delta", _G, w.fp32 * (w.q + 2 * w.kv) + w.lse)]
+    if cast * problem.tokens > chunk:
+        return terms + [Term("band gradients cast to the compute dtype", _G, cast)]
+    return terms + [Term("band: one chunk's probabilities and their gradients (fp32)", _G, fixed=chunk)]
 
 
 def _ring_terms(w) -> list[Term]:

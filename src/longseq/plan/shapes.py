@@ -35,6 +35,8 @@ class ModelShape:
     """The lm_head shares the embedding matrix."""
     qk_norm: bool = False
     """Per-head RMSNorm on q and k (Qwen3): they keep fp32 copies for backward (not tiled)."""
+    qk_norm_full_width: bool = False
+    """The q/k norms' weights span all heads (OLMo-2's, OLMo-Hybrid's) rather than one head."""
     layer_kinds: tuple[LayerKind, ...] = ()
     """Each layer's token mixer and feed-forward block; empty: every layer full attention and a dense MLP."""
     experts: ExpertShape | None = None
@@ -76,7 +78,8 @@ class ModelShape:
             mixer = self.linear.params(h)
         else:
             q = a * (2 if self.attention_gate else 1)
-            mixer = h * (q + 2 * self.kv_width) + a * h + (2 * self.head_dim if self.qk_norm else 0)
+            norms = (a + self.kv_width if self.qk_norm_full_width else 2 * self.head_dim) if self.qk_norm else 0
+            mixer = h * (q + 2 * self.kv_width) + a * h + norms
             mixer += (q + 2 * self.kv_width + h if self.attention_bias else 0) + (self.heads if self.sinks else 0)
         ffn = self.experts.params(h) if kind.ffn == "experts" else 3 * h * self.intermediate
         return mixer + ffn + 2 * h
@@ -99,6 +102,25 @@ class ModelShape:
     @property
     def params(self) -> int:
         return self.params_of_layers(0, self.layers) + self.root_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token goes through: of an expert block, the router, the shared expert and top_k experts."""
+        if self.experts is None:
+            return self.params
+        idle = (self.experts.experts - self.experts.top_k) * 3 * self.hidden * self.experts.intermediate
+        return self.params - idle * sum(kind.ffn == "experts" for kind in self.kinds)
+
+    def layer_summary(self) -> str:
+        """The layers by kind, e.g. '36 Gated DeltaNet, 12 attention; 48 with experts (512, top 10)'."""
+        mixers = {"attention": "attention", "sliding": "sliding-window attention", "linear": "Gated DeltaNet"}
+        counts = [f"{sum(k.mixer == m for k in self.kinds)} {name}" for m, name in mixers.items()
+                  if any(k.mixer == m for k in self.kinds)]
+        experts = sum(k.ffn == "experts" for k in self.kinds)
+        if experts:
+            shared = f", shared {self.experts.shared_intermediate}" if self.experts.shared_intermediate else ""
+            counts[-1] += f"; {experts} with experts ({self.experts.experts}, top {self.experts.top_k}{shared})"
+        return ", ".join(counts)
 
     def with_layers(self, layers: int) -> ModelShape:
         """The same decoder with `layers` layers, their kinds repeating the pattern of the first ones."""
@@ -139,7 +161,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or get("hidden_size") // heads,
         intermediate=get("intermediate_size") or 0, vocab=get("vocab_size"),
         tied_embeddings=bool(get("tie_word_embeddings", False)), qk_norm=get("model_type") in _QK_NORM_TYPES,
-        **fields,
+        qk_norm_full_width=get("model_type") in ("olmo2", "olmo_hybrid"), **fields,
     )
 
 
