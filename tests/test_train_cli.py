@@ -180,9 +180,9 @@ def test_default_memory_plans_a_mixture_of_experts_model(tmp_path):
 
     model_dir = tmp_path / "tiny-moe"
     transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
-                                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                vocab_size=259, max_position_embeddings=512, output_router_logits=True,
-                                mlp_only_layers=[0]).save_pretrained(model_dir)
+                                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=259, max_position_embeddings=512,
+                                output_router_logits=True, mlp_only_layers=[0]).save_pretrained(model_dir)
     config = write_config(tmp_path, "moe", model={"config": {}, "path": str(model_dir), "random_init": True},
                           training={"steps": 1})
     rows = _in_process(config)

@@ -48,6 +48,10 @@ Host per rank = the process itself + FSDP2's CPU-offloaded parameters, gradients
 parameter on its shard) + the offloader's arena (Note [Host arena]), which holds the offloaded checkpoints (H·e per
 token per offloaded layer, one per layers_per_checkpoint) and kept attention outputs (a·e + heads·4 per token per
 layer) in pages and grows by 1 GiB chunks within its budget.
+
+Layers differ in mixture-of-experts and hybrid models: each layer's kind (plan/families.py) picks its mixer's terms
+(attention as above; Gated DeltaNet: Note [Linear attention in the plan], linear.py; sliding windows: attention.py)
+and its feed-forward block's (dense as above; experts: Note [Expert blocks in the plan], experts.py).
 """
 
 from __future__ import annotations
@@ -187,7 +191,8 @@ def attention_saved(problem: Problem, w: Widths, g: str, kind: LayerKind = DENSE
     return terms
 
 
-ATTENTION_SAVED = ("q", "k and v", "K and V expanded to the query heads", "window masks of the SDPA chunks")  # what the attention backward releases of its saved tensors
+# what the attention backward releases of its saved tensors
+ATTENTION_SAVED = ("q", "k and v", "K and V expanded to the query heads", "window masks of the SDPA chunks")
 
 
 def after_attention(problem: Problem, choice: Choice, w: Widths) -> list[Term]:

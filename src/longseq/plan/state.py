@@ -29,8 +29,9 @@ def lora_params(problem: Problem) -> int:
     h, a, kv = s.hidden, s.attention_width, s.kv_width
     total = 0
     for kind in s.kinds:
-        if kind.mixer == "linear":
-            total += 2 * h + s.linear.conv_width + s.linear.value_width + 2 * s.linear.v_heads + s.linear.value_width + h
+        if kind.mixer == "linear":  # in-projections (q, k, v, z; b, a) and the out-projection
+            linear = s.linear
+            total += 2 * h + linear.conv_width + linear.value_width + 2 * linear.v_heads + linear.value_width + h
         else:
             total += (h + a * (2 if s.attention_gate else 1)) + (h + a) + (h + kv) * 2
         inner = s.intermediate if kind.ffn == "dense" else s.experts.shared_intermediate

@@ -5,11 +5,15 @@ Note [Step time]
 Per layer, with s tokens on the rank, P the layer's projection and MLP weights, a = heads × head_dim and causal
 attention within documents of length d over sequences of length S:
 
-    attention forward   2·B·S·d·a / sp FLOPs at attention_forward_tflops; backward 2.5× that at the backward speed;
-                        a checkpointed layer whose output is not kept runs the forward again in backward
+    attention forward   2·B·S·d·a / sp FLOPs at attention_forward_tflops (4·a per (query, key) pair: a sliding
+                        window bounds the pairs); backward 2.5× that at the backward speed; a checkpointed layer
+                        whose output is not kept runs the forward again in backward
+    Gated DeltaNet      the chunked rule's forward FLOPs (Note [Linear attention in the plan]), three times that for
+                        forward and backward, at delta_rule_tflops; its forward again under checkpointing
     projections, MLP    2·s·P forward, twice that backward (once for frozen weights: no weight gradients), and the
                         forward again under checkpointing (the tiled MLP recomputes its tiles in backward even
-                        without checkpointing), at gemm_tflops
+                        without checkpointing), at gemm_tflops; of an expert block only the top-k experts, the
+                        router and the shared expert count (Note [Expert blocks in the plan])
     tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums); norms
                         fused into their readers: the q/k/v projections' forward once more, and fused_norms_ns
     segments            with layers_per_checkpoint k, k − 1 of a segment's k layers run forward once more in
