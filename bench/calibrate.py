@@ -28,9 +28,9 @@ from longseq.plan.card import CARDS, card_to_json, load_card
 
 # (heads, kv heads, head_dim, hidden, intermediate, tokens) for a GPU and for a CPU smoke run.
 SIZES = {"cuda": dict(heads=32, kv=8, dims=(128, 64), hidden=4096, inter=14336, tokens=16384, vocab=128256,
-                      linear_heads=32, linear_dim=128),
-         "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, linear_heads=4,
-                     linear_dim=16)}
+                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128),
+         "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, loss_tiles_mib=(1, 4),
+                     linear_heads=4, linear_dim=16)}
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -174,7 +174,23 @@ def step_seconds(size, device, dtype, memory, layers: int = 2) -> float:
     return _timed(lambda: longseq.causal_lm_loss(model, batch).backward(), repeats=2)
 
 
-def feature_costs(size, device, dtype, attention_forward, attention_backward) -> dict:
+def tiled_loss_costs(size, device, dtype, plain, base, memory_gib_s) -> dict:
+    """The tiled loss at two tile sizes: its cost per token and its weight-gradient pass per tile (Note [Step time]),
+    the pass as bytes per lm_head weight at memory_gib_s."""
+    from longseq import MemoryConfig
+    from longseq.memory.tiled_loss import loss_tile_tokens
+
+    s, passes = size["tokens"], {}
+    for tile_mib in size["loss_tiles_mib"]:
+        memory = MemoryConfig(**{**plain, "tiled_loss": True, "tile_memory_mib": tile_mib})
+        passes[-(-s // loss_tile_tokens(size["vocab"], tile_mib))] = step_seconds(size, device, dtype, memory) - base
+    (many, slow), (few, fast) = sorted(passes.items(), reverse=True)
+    per_pass = max(0.0, (slow - fast) / (many - few))
+    return {"tiled_loss_ns": max(0.0, fast - few * per_pass) / s * 1e9,
+            "tiled_loss_tile_bytes_per_weight": per_pass * memory_gib_s * 2**30 / (size["vocab"] * size["hidden"])}
+
+
+def feature_costs(size, device, dtype, attention_forward, attention_backward, memory_gib_s) -> dict:
     """ns per token (and layer) of each tiled feature, and the effective GEMM speed of a plain step."""
     from longseq import MemoryConfig
 
@@ -186,11 +202,11 @@ def feature_costs(size, device, dtype, attention_forward, attention_backward) ->
     out, seconds = {}, {}
     for name, features, per_layer in (("tiled_mlp", dict(tiled_mlp=True), True),
                                       ("tiled_norms", dict(tiled_norms=True), True),
-                                      ("fused_norms", dict(tiled_norms=True, fuse_norms=True), True),
-                                      ("tiled_loss", dict(tiled_loss=True), False)):
+                                      ("fused_norms", dict(tiled_norms=True, fuse_norms=True), True)):
         seconds[name] = step_seconds(size, device, dtype, MemoryConfig(**{**plain, **features}), layers)
         if name != "fused_norms":  # measured against recomputed norms, below
-            out[f"{name}_ns"] = max(0.0, seconds[name] - base) / (s * (layers if per_layer else 1)) * 1e9
+            out[f"{name}_ns"] = max(0.0, seconds[name] - base) / (s * layers) * 1e9
+    out.update(tiled_loss_costs(size, device, dtype, plain, base, memory_gib_s))
     # Fused norms beyond recomputed ones, less their projections' second forward (timed by the GEMM speed below).
     projections = 2.0 * s * (2 * h * a + 2 * h * kv) * layers
     attention = 2.0 * s * s * a
@@ -213,7 +229,8 @@ def calibrate(device: torch.device) -> dict:
               "delta_rule_tflops": delta_rule_speed(device, dtype, size)}
     values.update(attention_memory(device, dtype, size), **copy_speeds(device, dtype))
     d = str(size["dims"][0])
-    values.update(feature_costs(size, device, dtype, forward[d], backward[d]))
+    memory_gib_s = values.get("memory_gib_s") or load_card("cpu").memory_gib_s  # CPU: the stored card's figure
+    values.update(feature_costs(size, device, dtype, forward[d], backward[d], memory_gib_s))
     if device.type == "cuda":
         values["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     return values

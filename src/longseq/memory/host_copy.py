@@ -27,9 +27,10 @@ class OffloadStats:
     prefetch_hits: int = 0
     """Restores whose copy had already been started ahead (the others waited for a synchronous copy)."""
     attention_not_kept: int = 0
-    """Attention outputs recomputed in backward because the host budget was full (Note [Host budget])."""
+    """Attention outputs recomputed in backward because the host budget was full, since the model was wrapped
+    (Note [Host budget])."""
     checkpoints_on_device: int = 0
-    """Checkpoints left on the device because the host budget was full (Note [Host budget])."""
+    """Checkpoints left on the device because the host budget was full, since the model was wrapped."""
     budget_bytes: int | None = None
     """The host budget, fixed at the first offload; None: unbounded (no /proc/meminfo) or not yet fixed."""
     arena_bytes: int = 0

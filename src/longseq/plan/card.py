@@ -55,7 +55,10 @@ class Card:
     fused_norms_ns: float
     """Extra step time of norms fused into their readers per token and layer, besides the projections' recompute."""
     tiled_loss_ns: float
-    """Extra step time of the tiled loss per token, over the untiled loss, in ns."""
+    """Extra step time of the tiled loss per token, over the untiled loss, in ns (besides its tiles' passes)."""
+    tiled_loss_tile_bytes_per_weight: float
+    """Memory traffic of one loss tile per lm_head weight, in bytes at memory_gib_s: each tile adds its partial weight
+    gradient into the fp32 accumulator (Note [Tiled loss]), a pass over V × H that the tile count multiplies."""
     host_process_gib: float
     """Host memory a training process holds besides what the model counts (interpreter, CUDA context, buffers)."""
     host_memory_gib: dict[str, float] = field(default_factory=dict)

@@ -254,6 +254,11 @@ def mlp_backward(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = 
     return terms
 
 
+def loss_tile_tokens(problem: Problem, choice: Choice) -> int:
+    """memory/tiled_loss.loss_tile_tokens: the tokens whose fp32 logits and their gradient fit tile_memory_mib."""
+    return max(1, choice.tile_memory_mib * _MIB // (problem.shape.vocab * 8))
+
+
 def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     """The loss's forward and backward: final norm, final hidden states, logits (a tile of them, or all)."""
     g, shape = "loss", problem.shape
@@ -264,7 +269,7 @@ def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     if not choice.tiled_loss:
         # log_softmax's output, nll_loss's gradient and log_softmax's: three fp32 rows of V per token
         return terms + [Term("log-softmax output and two gradients (fp32)", g, w.vocab * 3 * 4)]
-    tile = max(1, choice.tile_memory_mib * _MIB // (w.vocab * 8))  # memory/tiled_loss.loss_tile_tokens
+    tile = loss_tile_tokens(problem, choice)
     terms.append(Term("logits tile (fp32) and its gradient", g, fixed=min(tile, problem.tokens) * w.vocab * 8))
     if problem.workload.training != "lora":
         terms += [Term("lm_head gradient accumulator (fp32)", g, fixed=shape.vocab * shape.hidden * 4),

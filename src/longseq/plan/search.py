@@ -34,10 +34,11 @@ from dataclasses import dataclass, replace
 
 from longseq.plan.choice import Choice
 from longseq.plan.footprint import Footprint, footprint
+from longseq.plan.memory import effective
 from longseq.plan.problem import Problem
 from longseq.plan.timing import StepTime, step_time
 
-TILES = (256, 64)
+TILES = (4096, 1024, 256, 64)  # tile_memory_mib: larger tiles, fewer weight-gradient passes (Note [Step time])
 ATTENTION_MIB = (1024, 256)
 DENSITIES = (1, 2, 4)
 NORMS = ((True, True), (True, False), (False, False))  # (tiled_norms, fuse_norms)
@@ -66,6 +67,8 @@ class Evaluation:
 
 
 def evaluate(problem: Problem, choice: Choice) -> Evaluation:
+    """`choice` as it runs (a tiled MLP of one tile is the untiled MLP: memory.effective), under the model."""
+    choice = effective(problem, choice)
     usage = footprint(problem, choice)
     host_per_host = usage.host.bytes * problem.ranks_per_host
     return Evaluation(choice=choice, footprint=usage, time=step_time(problem, choice),

@@ -28,8 +28,11 @@ attention within documents of length d over sequences of length S:
     FSDP2               all-gathers (forward, backward) and reduce-scatters per layer, and with CPU offload the
                         shard's host↔device copies, overlap the layer's compute the same way
 
-and once per step the loss (3 GEMMs of s × H × V; 2 for a frozen lm_head; tiled_loss_ns per token) and the optimizer
-(fused AdamW: 28 bytes of traffic per parameter of the shard on the GPU, or host_adamw_gparams_s for a host's ranks).
+and once per step the loss (3 GEMMs of s × H × V; 2 for a frozen lm_head; tiled: tiled_loss_ns per token, and per
+tile a pass of tiled_loss_tile_bytes_per_weight over the V × H weight gradient's fp32 accumulator, so that a tile
+count, not only the token count, sets its cost: 252 tiles of 256 MiB cost 0.6 s at 64K on an H200, 16 of 4 GiB
+0.04 s) and the optimizer (fused AdamW: 28 bytes of traffic per parameter of the shard on the GPU, or
+host_adamw_gparams_s for a host's ranks).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from longseq.plan import experts, linear
 from longseq.plan.attention import keeps_output
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
-from longseq.plan.memory import effective, ffn_tiled
+from longseq.plan.memory import effective, ffn_tiled, loss_tile_tokens
 from longseq.plan.problem import Problem
 
 _G = 2**30
@@ -196,6 +199,10 @@ def _loss_and_optimizer(problem: Problem, choice: Choice, step: StepTime) -> Non
     step.add("loss", matmuls * 2.0 * tokens * shape.hidden * shape.vocab / (card.gemm_tflops * 1e12))
     if choice.tiled_loss:
         step.add("tiled loss overhead", card.tiled_loss_ns * 1e-9 * tokens)
+        if mode != "lora":  # a trained lm_head's weight gradient accumulates once per tile
+            passes = -(-tokens // loss_tile_tokens(problem, choice))
+            weight_bytes = shape.vocab * shape.hidden * card.tiled_loss_tile_bytes_per_weight
+            step.add("tiled loss: weight-gradient passes", passes * weight_bytes / (card.memory_gib_s * _G))
     if mode == "forward-backward":
         return
     params = shape.params / problem.layout.gpus if mode == "full" else 0.0
