@@ -28,9 +28,9 @@ from longseq.plan.card import CARDS, card_to_json, load_card
 
 # (heads, kv heads, head_dim, hidden, intermediate, tokens) for a GPU and for a CPU smoke run.
 SIZES = {"cuda": dict(heads=32, kv=8, dims=(128, 64), hidden=4096, inter=14336, tokens=16384, vocab=128256,
-                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128),
+                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128, linear_tokens=131072),
          "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, loss_tiles_mib=(1, 4),
-                     linear_heads=4, linear_dim=16)}
+                     linear_heads=4, linear_dim=16, linear_tokens=1024)}
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -61,12 +61,13 @@ def attention_speeds(device, dtype, size) -> tuple[dict, dict]:
 
 def delta_rule_speed(device, dtype, size) -> float:
     """longseq's chunked gated delta rule, forward and backward, in model TFLOP/s (three times the forward's FLOPs
-    as plan/linear.py counts them), at Qwen3-Next's head dims on a GPU."""
+    as plan/linear.py counts them), at Qwen3-Next's head dims and 128K tokens on a GPU (its scan's backward grows
+    faster than its FLOPs: the speed is the one at the lengths a plan is for)."""
     from longseq.parallel.delta_rule import Segment, chunk_layout, gated_delta_rule
     from longseq.plan.families import LinearShape
     from longseq.plan.linear import core_flops
 
-    heads, dk, s = size["linear_heads"], size["linear_dim"], size["tokens"]
+    heads, dk, s = size["linear_heads"], size["linear_dim"], size["linear_tokens"]
     q, k, v = (torch.randn(1, s, heads, dk, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     g = (-torch.rand(1, s, heads, device=device)).requires_grad_()
     beta = torch.rand(1, s, heads, device=device, dtype=dtype, requires_grad=True)

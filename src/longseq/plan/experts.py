@@ -21,8 +21,10 @@ Tiled (Note [Tiled experts]: the families longseq wraps), a layer keeps only the
 tile of t positions recomputes the block with those buffers for t rows. The first tile peaks before any weight
 gradient exists, with its output beside it (H·e per row); a later one beside the fp32 sums of every expert's weight
 gradients and its own (E·3HI·(4 + e), the router's too; at the second moment one more down-projection-sized copy)
-and its output and input gradient (2H·e per row). The tile is the MLP's rule with k·I as the width: three
-(t × k·I) tensors fit tile_memory_mib. A block of a family
+and its output and input gradient (2H·e per row); after the last tile, the sums, the last tile's gradients and the
+sums rounded to bf16 (E·3HI·(4 + 2e)), more than any tile's moment where the experts' weights dwarf a tile
+(Mixtral-8x7B's layers: 11.3 GB against 9.9). The tile is the MLP's rule with k·I as the width: three (t × k·I)
+tensors fit tile_memory_mib. A block of a family
 longseq does not wrap (Qwen3-Next, Qwen3.5-MoE) runs untiled whatever tiled_mlp says, and so does any block whose
 sequence fits one tile. Its shared expert (every token, behind a sigmoid gate) keeps what a dense MLP of its width
 keeps, and its output (H·e); its backward, two of its widths, comes at another moment than the routed experts'.
@@ -85,22 +87,25 @@ def backward(problem, choice, tiled: bool) -> list[Term]:
 
 
 def _largest_tile(problem, choice, per_row: float) -> Term:
-    """The larger of the backward's first tile (before any weight gradient exists, the tile's output beside it) and
-    its second (the fp32 sums of every expert's weight gradients and one tile's gradients beside it, and the tile's
-    output and input gradient): Note [Expert blocks in the plan]."""
+    """The largest of the backward's moments over tiles (Note [Expert blocks in the plan]): its first tile (before
+    any weight gradient exists, the tile's output beside it), its second (the fp32 sums of every expert's weight
+    gradients and one tile's gradients beside it, and the tile's output and input gradient), and after its last."""
     experts, e, h, batch = problem.shape.experts, problem.dtype_bytes, problem.shape.hidden, problem.workload.batch
     tile = tile_positions(problem, choice)
     second = min(tile, problem.tokens // batch - tile) * batch
-    sums = 0.0
+    sums = copy = rounded = 0.0
     if problem.workload.training != "lora":
-        at_gate_up = 2 * experts.intermediate > 4 * h  # that moment holds one more down-projection-sized copy
-        sums = experts.params(h) * (4 + e) + (experts.experts * h * experts.intermediate * e if at_gate_up else 0)
-    first_bytes, second_bytes = tile * batch * (per_row + h * e), second * (per_row + 2 * h * e) + sums
-    if first_bytes >= second_bytes:
-        return Term("expert tile: the first in backward (its recompute, output and gradients)", "MLP backward",
-                    fixed=first_bytes)
-    return Term("expert tile: a later one, with the weight gradients' fp32 sums and one tile's", "MLP backward",
-                fixed=second_bytes)
+        sums = experts.params(h) * (4 + e)  # the fp32 sums and one tile's gradients
+        if 2 * experts.intermediate > 4 * h:  # the gate/up moment holds one more down-projection-sized copy
+            copy = experts.experts * h * experts.intermediate * e
+        rounded = experts.params(h) * e if e < 4 else 0.0  # the sums rounded to the weights' dtype (fp32: no copy)
+    moments = {"expert tile: the first in backward (its recompute, output and gradients)": tile * batch * (
+                   per_row + h * e),
+               "expert tile: a later one, with the weight gradients' fp32 sums and one tile's": second * (
+                   per_row + 2 * h * e) + sums + copy,
+               "expert weight gradients after the last tile (fp32 sums, the last tile's, rounded)": sums + rounded}
+    name = max(moments, key=moments.get)
+    return Term(name, "MLP backward", fixed=moments[name])
 
 
 def forward_flops(problem) -> float:
