@@ -8,7 +8,8 @@ I one expert's width, e bytes per element, per row the block's forward keeps for
 plan/live_bytes.py on the tiny Qwen3-MoE, Mixtral and GPT-OSS of tests/models.py):
 
     the k copies of its input, sorted (k·H·e); the experts' outputs before the weighting (k·H·e)
-    gate and up projections (2k·I·e), act(gate) and the product (2k·I·e)
+    gate and up projections (2k·I·e), act(gate) and the product (2k·I·e; GPT-OSS's clamped GLU keeps five I-wide
+    tensors there: ExpertShape.gate_tensors)
     the router's softmax in fp32 (4E), the routing weights (2k·e) and k int64 indices four times (32k)
 
 Its backward is largest at one of two moments: at the down projection's backward the gradients of the weighted
@@ -24,10 +25,10 @@ gradients and its own (E·3HI·(4 + e), the router's too; at the second moment o
 and its output and input gradient (2H·e per row); after the last tile, the sums, the last tile's gradients and the
 sums rounded to bf16 (E·3HI·(4 + 2e)), more than any tile's moment where the experts' weights dwarf a tile
 (Mixtral-8x7B's layers: 11.3 GB against 9.9). The tile is the MLP's rule with k·I as the width: three (t × k·I)
-tensors fit tile_memory_mib. A block of a family
-longseq does not wrap (Qwen3-Next, Qwen3.5-MoE) runs untiled whatever tiled_mlp says, and so does any block whose
-sequence fits one tile. Its shared expert (every token, behind a sigmoid gate) keeps what a dense MLP of its width
-keeps, and its output (H·e); its backward, two of its widths, comes at another moment than the routed experts'.
+tensors fit tile_memory_mib. A block of a family longseq does not wrap (Qwen3-Next, Qwen3.5-MoE) runs untiled
+whatever tiled_mlp says, and so does any block whose sequence fits one tile. Its shared expert (every token, behind
+a sigmoid gate) keeps what a dense MLP of its width keeps, and its output (H·e); its backward, two of its widths,
+comes at another moment than the routed experts'.
 
 Time: only the k active experts' GEMMs count (2·3·H·I FLOPs per row and expert forward, at the card's GEMM speed:
 grouped GEMMs are assumed as fast as dense ones, not measured), and the router (2·H·E) and shared expert.

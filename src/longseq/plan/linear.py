@@ -8,8 +8,9 @@ the decay, system and score matrices (C = 64), several dk- and dv-wide fp32 copi
 and per chunk the dk × dk transitions and dk × dv states (dk²/C and dk·dv/C per token). Rather than restate that
 code term by term, the plan measures it: longseq's own mixer (gated_delta_mix) runs forward and backward on CPU for
 one key head and its value heads, at the layer's head dimensions and kernel, at two and four chunks, and the live
-tensors (plan/live_bytes.py) give the bytes per token and value head it keeps after its forward and at the peak of
-its backward. These are the same per token of a rank whichever way the heads are split (Ulysses gives a rank every
+tensors (plan/live_bytes.py) give the bytes per token and value head it keeps after its forward, at the peak of
+its forward (in a checkpoint's recompute, beside the in-projections' outputs) and at the peak of its backward.
+These are the same per token of a rank whichever way the heads are split (Ulysses gives a rank every
 token of 1/U of the heads); the all-to-all buffers of heads mode and the transitions of state passing (dk × dk per
 chunk more) at sp > 1 are not counted.
 
