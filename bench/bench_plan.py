@@ -4,6 +4,7 @@
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 40 --configs longest      # the longest length, and 1.15× it
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs longest --training lora   # frozen base weights
     python -m bench.bench_plan --layers 8 --gpu-mem-gib 79 --configs auto --lengths 131072 262144  # AutoMemory
+    python -m bench.bench_plan --model path/to/config.json --layers 4 --gpu-mem-gib 79   # a MoE or hybrid family
     python -m bench.bench_plan --device cpu                                       # CPU smoke run (tiny model)
 
 Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
@@ -12,7 +13,7 @@ length whose offloaded blocks are not powers of two (in the host arena's chunks)
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
-the live tensors' peak (bench/live_bytes.py) against the plan for the 'cpu' card. Prints a table and writes one
+the live tensors' peak (plan/live_bytes.py) against the plan for the 'cpu' card. Prints a table and writes one
 JSON record per configuration (bench/results/bench_plan.jsonl, and $OUT when set).
 
 --training lora: every base weight frozen (requires_grad False) except the final norm's, and the embeddings' output
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from longseq.plan.choice import Choice
 from longseq.plan.planner import Plan, machine_for, plan, plan_longest
 from longseq.plan.problem import Layout, Problem, Workload
 from longseq.plan.search import evaluate
-from longseq.plan.shapes import SHAPES, ModelShape
+from longseq.plan.shapes import SHAPES, ModelShape, load_shape
 from longseq.plan.state import FP32_STATE, lora_params
 
 TINY = ModelShape(name="tiny", hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
@@ -61,7 +63,7 @@ DEFAULT_LENGTHS = {"cuda": [131072], "cpu": [2048]}
 
 def problem_for(args, length: int) -> Problem:
     cpu = args.device == "cpu"
-    shape = TINY if cpu else SHAPES[args.shape]
+    shape = load_shape(args.model) if args.model else TINY if cpu else SHAPES[args.shape]
     if args.layers:
         shape = shape.with_layers(args.layers)
     machine = machine_for("cpu" if cpu else args.card, gpu_memory_gib=args.gpu_mem_gib,
@@ -80,6 +82,22 @@ def choose(problem: Problem, how) -> Choice | None:
                                                                  problem.shape.layers - choice.checkpoint_gpu_layers))
 
 
+def model_from_config(path: str, layers: int, dtype):
+    """A random-weight model of the config at `path` with its first `layers` layers (their kinds kept), loaded as
+    transformers allows (GPT-OSS: eager) and run with SDPA as longseq's attention."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    text = getattr(config, "text_config", None) or config
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:layers]
+    load_as = "eager" if text.model_type == "gpt_oss" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=load_as)
+    model.config._attn_implementation = "sdpa"
+    return model.train()
+
+
 def hf_config(shape: ModelShape):
     import transformers
 
@@ -90,23 +108,25 @@ def hf_config(shape: ModelShape):
                 max_position_embeddings=1 << 23)
 
 
-def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None, auto=None) -> dict:
-    """Build the model, apply the plan's MemoryConfig (or `auto`, a longseq.AutoMemory, when given), run a warm-up
-    step and `timed_steps` more; peaks of the last (on CPU: live tensors, bench/live_bytes.py). `mesh`: a longseq
-    Mesh when run on several ranks. training='lora': base weights frozen (freeze_base)."""
+def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1, mesh=None, auto=None,
+            build=None) -> dict:
+    """Build the model (the shape's Llama or Qwen3, or `build()`'s), apply the plan's MemoryConfig (or `auto`, a
+    longseq.AutoMemory, when given), run a warm-up step and `timed_steps` more; peaks of the last (on CPU: live
+    tensors, plan/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights
+    frozen (freeze_base)."""
     import torch
     import transformers
 
     import longseq
-    from bench.live_bytes import LiveBytes
+    from longseq.plan.live_bytes import LiveBytes
     from longseq.memory import offload_stats
 
     memory = auto or Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(problem.shape), dtype=dtype,
-                                                              attn_implementation="sdpa").train()
+        model = build() if build is not None else transformers.AutoModelForCausalLM.from_config(
+            hf_config(problem.shape), dtype=dtype, attn_implementation="sdpa").train()
     if problem.workload.training == "lora":
         freeze_base(model)
     mesh = mesh or longseq.Mesh()
@@ -200,7 +220,13 @@ def run_one(args, name: str, length: int, how) -> dict:
 
         cap = problem.machine.gpu_memory_gib * _GIB / torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap))
-    record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps, auto=auto)
+    build = None
+    if args.model:
+        import torch
+
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        build = functools.partial(model_from_config, args.model, problem.shape.layers, dtype)
+    record["measured"] = measure(problem, predicted.choice, args.device, args.timed_steps, auto=auto, build=build)
     return record
 
 
@@ -225,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    parser.add_argument("--model", help="a config.json or model directory instead of --shape (random weights; "
+                                        "mixture-of-experts and hybrid families too)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--card", default="h200")
     parser.add_argument("--gpu-mem-gib", type=float, default=None)

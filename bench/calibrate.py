@@ -7,7 +7,8 @@ What it measures, each on the card at hand (figures it cannot measure here keep 
 attention forward and backward TFLOP/s of longseq's block kernels (head_dim 128 and 64 on a GPU); the effective
 GEMM speed of one decoder layer's forward and backward less its attention; pinned host↔device copies on a side
 stream; device memory bandwidth; fused AdamW on the host; whether the lse comes out dense, and the attention
-backward's workspace; whether the model's own SDPA builds per-query-head dk/dv under GQA; and the extra time per
+backward's workspace; whether the model's own SDPA builds per-query-head dk/dv under GQA; the chunked gated delta
+rule's speed (Gated DeltaNet, forward and backward, at Qwen3-Next's head dims on a GPU); and the extra time per
 token of the tiled MLP, recomputed norms, norms fused into their readers and the tiled loss (a two-layer model, each
 feature switched on alone). Prints a table and ends with one JSON line.
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -26,8 +28,9 @@ from longseq.plan.card import CARDS, card_to_json, load_card
 
 # (heads, kv heads, head_dim, hidden, intermediate, tokens) for a GPU and for a CPU smoke run.
 SIZES = {"cuda": dict(heads=32, kv=8, dims=(128, 64), hidden=4096, inter=14336, tokens=16384, vocab=128256,
-                     loss_tiles_mib=(256, 4096)),
-         "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, loss_tiles_mib=(1, 4))}
+                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128, linear_tokens=131072),
+         "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, loss_tiles_mib=(1, 4),
+                     linear_heads=4, linear_dim=16, linear_tokens=1024)}
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -54,6 +57,27 @@ def attention_speeds(device, dtype, size) -> tuple[dict, dict]:
         seconds = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal=True, scale=d ** -0.5))
         backward[str(d)] = 2.5 * flops / seconds / 1e12
     return forward, backward
+
+
+def delta_rule_speed(device, dtype, size) -> float:
+    """longseq's chunked gated delta rule, forward and backward, in model TFLOP/s (three times the forward's FLOPs
+    as plan/linear.py counts them), at Qwen3-Next's head dims and 128K tokens on a GPU (its scan's backward grows
+    faster than its FLOPs: the speed is the one at the lengths a plan is for)."""
+    from longseq.parallel.delta_rule import Segment, chunk_layout, gated_delta_rule
+    from longseq.plan.families import LinearShape
+    from longseq.plan.linear import core_flops
+
+    heads, dk, s = size["linear_heads"], size["linear_dim"], size["linear_tokens"]
+    q, k, v = (torch.randn(1, s, heads, dk, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, s, heads, device=device)).requires_grad_()
+    beta = torch.rand(1, s, heads, device=device, dtype=dtype, requires_grad=True)
+    layout = chunk_layout([[Segment(start=0, length=s)]], s, device=device)
+
+    def step():
+        gated_delta_rule(q, k, v, g, beta, layout).sum().backward()
+
+    shape = SimpleNamespace(linear=LinearShape(k_heads=heads, v_heads=heads, k_dim=dk, v_dim=dk))
+    return 3 * core_flops(SimpleNamespace(shape=shape, tokens=s)) / _timed(step) / 1e12
 
 
 def attention_memory(device, dtype, size) -> dict:
@@ -202,7 +226,8 @@ def calibrate(device: torch.device) -> dict:
     forward, backward = attention_speeds(device, dtype, size)
     values = {"attention_forward_tflops": forward, "attention_backward_tflops": backward,
               "host_adamw_gparams_s": host_adamw(device),
-              "sdpa_gqa_expands_kv_grads": sdpa_gqa_expands(device, dtype, size)}
+              "sdpa_gqa_expands_kv_grads": sdpa_gqa_expands(device, dtype, size),
+              "delta_rule_tflops": delta_rule_speed(device, dtype, size)}
     values.update(attention_memory(device, dtype, size), **copy_speeds(device, dtype))
     d = str(size["dims"][0])
     memory_gib_s = values.get("memory_gib_s") or load_card("cpu").memory_gib_s  # CPU: the stored card's figure

@@ -167,7 +167,7 @@ def test_a_wrong_replay_changes_the_gradients(monkeypatch):
 def test_a_step_leaves_nothing_behind(on_gpu):
     """Note [Kept pairs hold no graph]: after a training step no tensor it made is alive (kept pairs, their
     recompute's q, k, v and norms), wherever the pairs were kept; so repeated steps have equal peaks."""
-    from bench.live_bytes import LiveBytes
+    from longseq.plan.live_bytes import LiveBytes
 
     mesh, data = longseq.Mesh(), batch(64, rows=2)
     memory = MemoryConfig(offload_min_bytes=0, keep_last_attention_on_gpu=on_gpu, expandable_segments=False)

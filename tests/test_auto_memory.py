@@ -1,7 +1,8 @@
 """longseq.apply(model, mesh, "auto"): the planner's memory features per batch shape (Note [Automatic memory]).
 
 The auto path equals the explicit MemoryConfig it chose (loss and every gradient), at lengths where the plan
-chooses differently, switching back and forth within one model, on one rank and on two gloo ranks; what the plan
+chooses differently, switching back and forth within one model, on one rank and on two gloo ranks, for a dense, a
+mixture-of-experts and a hybrid (Gated DeltaNet) model; what the plan
 switches off does not run; packed documents and batch > 1 reach the planner; impossible budgets fail in one line.
 """
 
@@ -132,8 +133,10 @@ def test_cpu_without_machine_and_bad_arguments_fail_in_one_line():
         longseq.AutoMemory(tiled_mpl=False)
     with pytest.raises(ValueError, match="pass 'auto'"):
         longseq.apply(tiny_model(), None, "automatic")
-    with pytest.raises(PlanError, match="mixture-of-experts"):
-        longseq.apply(tiny_model("qwen3_moe"), None, longseq.AutoMemory(machine=SMALL))
+    chunked = tiny_model()  # Llama-4's chunked attention: a layer type the plan does not model
+    chunked.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(PlanError, match=r"layer types \['chunked_attention'\] are not modelled.*memory.auto: false"):
+        longseq.apply(chunked, None, longseq.AutoMemory(machine=SMALL))
 
 
 def test_training_mode_inferred_from_trainable_parameters():
@@ -144,10 +147,30 @@ def test_training_mode_inferred_from_trainable_parameters():
     assert infer_training(model) == "lora"
 
 
-def _auto_on_two_ranks():
+# GPUs this small flip the tiny mixture-of-experts and hybrid models' features between 512 and 2048 tokens
+MIXED_GPU_GIB = {"qwen3_moe": 0.016, "qwen3_next": 0.04}
+
+
+@pytest.mark.parametrize("family", sorted(MIXED_GPU_GIB))
+def test_auto_on_experts_and_linear_attention(family):
+    """Qwen3-MoE (a dense layer, then an expert block; the router loss on) and Qwen3-Next (a Gated DeltaNet layer,
+    then attention): the auto path equals the config it chose, the router loss too."""
+    reference = tiny_model(family)
+    machine = machine_for("cpu", gpu_memory_gib=MIXED_GPU_GIB[family], host_memory_gib=0.05)
+    auto = longseq.apply(copy.deepcopy(reference), None, longseq.AutoMemory(**{**AUTO, "machine": machine}))
+    chosen = {n: check_against_explicit(reference, auto, batch(n)) for n in (512, 2048)}
+    assert not chosen[512].offload_checkpoints and chosen[2048].offload_checkpoints
+    if reference.config.output_router_logits:
+        explicit = longseq.apply(copy.deepcopy(reference), None, chosen[2048])
+        auto_aux, explicit_aux = (m(**longseq.shard_batch(batch(2048), longseq.Mesh())).aux_loss
+                                  for m in (auto, explicit))
+        torch.testing.assert_close(auto_aux, explicit_aux)
+
+
+def _auto_on_two_ranks(family: str = "llama", gpu_memory_gib: float = 0.008):
     mesh = longseq.init_mesh(sp=2)
-    reference = tiny_model(num_hidden_layers=3)
-    machine = machine_for("cpu", gpu_memory_gib=0.008, host_memory_gib=0.1, gpus_per_host=2)
+    reference = tiny_model(family, num_hidden_layers=3) if family == "llama" else tiny_model(family)
+    machine = machine_for("cpu", gpu_memory_gib=gpu_memory_gib, host_memory_gib=0.1, gpus_per_host=2)
     auto = longseq.apply(copy.deepcopy(reference), mesh,
                          longseq.AutoMemory(machine=machine, training="forward-backward", offload_min_bytes=0))
     chosen = []
@@ -159,5 +182,6 @@ def _auto_on_two_ranks():
     assert list(longseq_state(auto).auto_memory.plans) == [(1, 512, None), (1, 2048, 1048)]
 
 
-def test_auto_on_two_gloo_ranks():
-    run_distributed(_auto_on_two_ranks, 2)
+@pytest.mark.parametrize("family, gpu_memory_gib", [("llama", 0.008), ("qwen3_moe", 0.012)])
+def test_auto_on_two_gloo_ranks(family, gpu_memory_gib):
+    run_distributed(_auto_on_two_ranks, 2, family, gpu_memory_gib)

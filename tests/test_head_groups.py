@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import longseq
-from bench.live_bytes import LiveBytes
+from longseq.plan.live_bytes import LiveBytes
 from longseq.memory import MemoryConfig
 from longseq.parallel import varlen
 from longseq.parallel.head_groups import HeadGroups, allowed_sizes

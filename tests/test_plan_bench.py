@@ -64,3 +64,15 @@ def test_bench_plan_auto_runs_what_the_plan_chose(monkeypatch, capsys):
     assert rows["auto", 1024]["plan_memory"] != rows["auto", 2048]["plan_memory"]  # the plan differs per length
     auto = rows["auto", 2048]  # checkpoints offloaded: the plan's peak as exact as in the configurations above
     assert abs(auto["predicted"]["gpu_gib"] / auto["measured"]["gpu_gib"] - 1) < 0.02
+
+
+def test_bench_plan_runs_a_mixture_of_experts_config(monkeypatch, capsys, tmp_path):
+    """--model: the plan's choice for a tiny Qwen3-MoE config.json runs, within 5% of the prediction."""
+    from tests.models import tiny_model
+
+    tiny_model("qwen3_moe").config.save_pretrained(tmp_path)
+    rows = _bench_rows(monkeypatch, capsys, ["--device", "cpu", "--model", str(tmp_path), "--configs", "default-128k"])
+    row = rows["default-128k", 4096]
+    assert row["shape"] == str(tmp_path) and row["plan_fits"] and not row["measured"]["oom"]
+    assert abs(row["predicted"]["gpu_gib"] / row["measured"]["gpu_gib"] - 1) < 0.05
+    assert row["predicted"]["host_gib"] == row["measured"]["host_gib"]

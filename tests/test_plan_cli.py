@@ -58,6 +58,23 @@ def test_model_from_a_config_directory(capsys, tmp_path):
     assert code == 0 and d["model"]["qk_norm"] and d["model"]["layers"] == 2
 
 
+def test_mixture_of_experts_and_hybrid_configs(capsys, tmp_path):
+    """A Qwen3-MoE and a Qwen3-Next config.json: the table names the layer kinds and active parameters, and the
+    JSON carries the experts and the Gated DeltaNet's dimensions."""
+    moe, hybrid = tmp_path / "moe", tmp_path / "hybrid"
+    transformers.Qwen3MoeConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                head_dim=64, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+                                mlp_only_layers=[0], vocab_size=32000).save_pretrained(moe)
+    transformers.Qwen3NextConfig(num_hidden_layers=4).save_pretrained(hybrid)
+    code, out, _ = run(capsys, "--model", str(moe), "--length", "64k", "--lora")
+    assert code == 0 and "4 layers: 4 attention; 3 with experts (32, top 4)" in out and "B active" in out
+    assert "GPU per rank, peak at" in out and "longseq train: --memory.tiled_mlp=" in out
+    code, out, _ = run(capsys, "--model", str(hybrid), "--length", "64k", "--lora", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["model"]["linear"]["v_heads"] == 32 and d["model"]["experts"]["shared_intermediate"]
+    assert "linear attention" in d["time"]["components_s"]
+
+
 def test_impossible_configuration_exits_1_and_says_what_is_short(capsys):
     code, out, _ = run(capsys, "--shape", "llama-8b", "--length", "4M", "--gpu-mem-gib", "79")
     assert code == 1 and "DOES NOT FIT" in out and "GPU memory is short by at least" in out

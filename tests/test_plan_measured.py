@@ -1,6 +1,7 @@
-"""The memory model against the code itself: live tensors of real training steps on CPU (bench/live_bytes.py).
+"""The memory model against the code itself: live tensors of real training steps on CPU (plan/live_bytes.py).
 
-A tiny Llama in fp32 runs forward + backward under the plan's MemoryConfig at two lengths; the live tensors' peak
+A tiny Llama in fp32 (and the tiny Qwen3-MoE, Mixtral, GPT-OSS and Qwen3-Next of tests/models.py) runs forward +
+backward under the plan's MemoryConfig at two lengths; the live tensors' peak
 grows per token exactly as the plan's terms say (kernel-internal buffers aside: the 'cpu' card counts none), the
 offloaded copies are exactly the plan's host bytes, and a step leaves no tensor behind. When a change to longseq
 moves its memory, this test names the configuration whose term must follow.
@@ -11,6 +12,7 @@ moves its memory, this test names the configuration whose term must follow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -19,27 +21,30 @@ from longseq.plan.choice import Choice
 from longseq.plan.footprint import footprint
 from longseq.plan.planner import machine_for
 from longseq.plan.problem import Layout, Problem, Workload
+from longseq.plan.shapes import shape_from_config
 from tests.distributed import run_distributed
+from tests.models import tiny_model
 
 GIB = 2**30
 TILED = dict(tile_memory_mib=1, attention_host_layers=TINY.layers)  # 1 MiB: 682-token MLP tiles at this width
 
 
-def tiny_problem(length: int, sp: int = 1, ring: int = 1, **workload) -> Problem:
-    return Problem(shape=TINY, layout=Layout(sp=sp, ring=ring),
+def tiny_problem(length: int, sp: int = 1, ring: int = 1, shape=TINY, **workload) -> Problem:
+    return Problem(shape=shape, layout=Layout(sp=sp, ring=ring),
                    workload=Workload(length=length, training="forward-backward", **workload),
                    machine=machine_for("cpu", host_memory_gib=0.05 * sp, gpus_per_host=sp), dtype_bytes=4,
                    offload_min_bytes=0)
 
 
-def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 0.05, **problem_args) -> None:
+def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 0.05, build=None,
+            **problem_args) -> None:
     """The measured peak (live tensors, and the weights and gradients made before) is the model's within
     `tolerance` at each length, and grows per token as the model's does within 5% where the same moment peaks (1% for
     most: the batch's own few bytes per token are made before the measured step; the model's own SDPA is the
     loosest); on several ranks, the largest rank's. The offloader holds the model's host bytes exactly."""
     problems = [tiny_problem(n, **problem_args) for n in lengths]
     predicted = [footprint(p, choice) for p in problems]
-    measured = [measure(p, choice, "cpu", mesh=mesh) for p in problems]
+    measured = [measure(p, choice, "cpu", mesh=mesh, build=build) for p in problems]
     peaks = [m["gpu_gib"] * GIB for m in measured]
     if mesh is not None:
         peaks = [_largest_over_ranks(peak) for peak in peaks]
@@ -70,6 +75,21 @@ def compare(choice: Choice, lengths=(4096, 8192), mesh=None, tolerance: float = 
 ])
 def test_one_rank(name, choice):
     compare(choice)
+
+
+# Mixture-of-experts and hybrid decoders (tests/models.py): tiled expert blocks (at 2048 tokens the first tile of
+# their backward peaks, at 4096 a later one beside the weight gradients' sums), untiled ones, GPT-OSS's sinks and
+# sliding windows (bands), Mixtral's window (SDPA chunks, no kept outputs), and Gated DeltaNet layers.
+@pytest.mark.parametrize("family, choice", [
+    ("qwen3_moe", Choice(**TILED)),
+    ("qwen3_moe", Choice(**{**TILED, "tiled_mlp": False})),
+    ("mixtral", Choice(**TILED)),
+    ("gpt_oss", Choice(**TILED)),
+    ("qwen3_next", Choice(**TILED)),
+], ids=["qwen3_moe", "qwen3_moe-untiled", "mixtral", "gpt_oss", "qwen3_next"])
+def test_experts_and_linear_attention(family, choice):
+    build = functools.partial(tiny_model, family)
+    compare(choice, lengths=(2048, 4096), shape=shape_from_config(build().config), build=build)
 
 
 def test_packed_documents_and_batch():

@@ -199,8 +199,10 @@ def test_shapes_from_configs(tmp_path):
     assert qwen.qk_norm and qwen.attention_width == 4096
     (tmp_path / "config.json").write_text(json.dumps(transformers.LlamaConfig(num_hidden_layers=3).to_dict()))
     assert load_shape(str(tmp_path)).layers == 3
-    with pytest.raises(PlanError, match="mixture-of-experts"):
-        shape_from_config({"model_type": "mixtral", "num_local_experts": 8, "hidden_size": 8})
+    deepseek = {"model_type": "deepseek_v3", "n_routed_experts": 8, "hidden_size": 8, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 32}
+    with pytest.raises(PlanError, match="mixture-of-experts blocks of .* not of 'deepseek_v3'.*memory.auto: false"):
+        shape_from_config(deepseek)
     with pytest.raises(PlanError, match="named shape"):
         load_shape(str(tmp_path / "missing"))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from bench.live_bytes import LiveBytes
+from longseq.plan.live_bytes import LiveBytes
 from longseq.memory import MemoryConfig, apply_memory, rotary
 from longseq.memory.rotary import install_lean_rotary, lean_apply_rotary_pos_emb, lean_rotary
 from tests.models import assert_grads_equal, batch, tiny_model
@@ -87,7 +87,7 @@ def test_layout_unsqueeze_dim_2_and_fallbacks():
 
 
 def test_forward_and_backward_hold_one_tensor_of_q_size_not_three():
-    """Peak bytes allocated during the rotation of q and during its backward (bench/live_bytes.py): autograd's about
+    """Peak bytes allocated during the rotation of q and during its backward (plan/live_bytes.py): autograd's about
     3 × q's size in each, the lean one q's size and a chunk."""
     q, _, cos, sin, dq_out, _ = _inputs(torch.float32, heads=8, length=1001, dim=64)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

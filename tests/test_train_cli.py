@@ -173,6 +173,22 @@ def _in_process(config: Path, *overrides: str):
     return train(load_config(config, list(overrides)))
 
 
+def test_default_memory_plans_a_mixture_of_experts_model(tmp_path):
+    """`memory: auto` (the default) plans a Qwen3-MoE model directory (a dense layer, then experts; the router loss
+    on) and a step runs with the configuration the plan chose."""
+    import transformers
+
+    model_dir = tmp_path / "tiny-moe"
+    transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=259, max_position_embeddings=512,
+                                output_router_logits=True, mlp_only_layers=[0]).save_pretrained(model_dir)
+    config = write_config(tmp_path, "moe", model={"config": {}, "path": str(model_dir), "random_init": True},
+                          training={"steps": 1})
+    rows = _in_process(config)
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] > 0
+
+
 def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
     from longseq.train import loop
 

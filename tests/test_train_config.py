@@ -106,6 +106,18 @@ def test_demo_yaml_is_the_embedded_demo():
     load_config(ROOT / "configs" / "llama-8b-64k.yaml")
 
 
+def test_matmul_params_count_the_routed_experts_only():
+    from longseq.train.metrics import matmul_params
+    from tests.models import tiny_model
+
+    model = tiny_model("qwen3_moe")  # layer 1: 8 experts, 2 per token, each gate/up/down of 64 × 32
+    embedding = model.get_input_embeddings().weight.numel()
+    everything = sum(p.numel() for p in model.parameters()) - embedding
+    assert matmul_params(model) == everything - (8 - 2) * 3 * 64 * 32
+    dense = tiny_model("llama")
+    assert matmul_params(dense) == sum(p.numel() for p in dense.parameters()) - dense.get_input_embeddings().weight.numel()
+
+
 def test_train_flops_counts_attention_per_document():
     from longseq.train.metrics import train_flops
 

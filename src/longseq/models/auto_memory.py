@@ -23,7 +23,8 @@ loop, with or without gradient accumulation); forwards without gradients (evalua
 
 Fixed at apply time, on the side that is safe: which wrappers exist (a field forced off installs none); the CUDA
 allocator's expandable segments (set before CUDA allocates); FSDP2's CPU offload (fixed when the model is sharded:
-the plan is told it, `fsdp_cpu_offload`); mixture-of-experts models are refused (the planner does not model them).
+the plan is told it, `fsdp_cpu_offload`). Models the planner cannot model (a mixture-of-experts family or a layer
+type plan/families.py does not know) are refused at apply time, naming the fix (an explicit MemoryConfig).
 """
 
 from __future__ import annotations

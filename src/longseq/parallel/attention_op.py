@@ -63,7 +63,7 @@ def block_attention(q, k, v, position_ids, *, name: str, scale: float, kernel: s
     """longseq's block kernels over the model's ring (R = 1: none) for head-split q, k, v (B, H, S, D), with a
     sliding window, (H,) sink logits and head groups (ring.ring_attention's), → out (B, S, H, D); differentiable
     w.r.t. q, k, v and the sinks. Eager runs call ring_attention itself (the same code the operators run, with no
-    operator in between: tools that watch ATen ops, such as bench/live_bytes.py, see every buffer)."""
+    operator in between: tools that watch ATen ops, such as plan/live_bytes.py, see every buffer)."""
     if torch.compiler.is_compiling():
         out, _, _ = torch.ops.longseq.block_attention(q, k, v, position_ids, sinks, name, scale, kernel, window,
                                                       groups.heads, groups.memory_mib)

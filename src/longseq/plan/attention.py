@@ -4,7 +4,9 @@ cache, Ulysses, ring), and the model's own SDPA (one GPU without the cache). Par
 
 from __future__ import annotations
 
+from longseq.parallel.window import BAND_SCORES
 from longseq.plan.choice import Choice
+from longseq.plan.families import DENSE, LayerKind
 from longseq.plan.problem import Problem
 from longseq.plan.terms import Term
 
@@ -52,10 +54,28 @@ def kernel_call(w, heads: float, q_share: float, k_share: float) -> list[Term]:
     return terms + [Term("dk, dv summed to the K/V heads (and dq cast), less the K/V copies", _G, after)]
 
 
-def attention_backward(problem: Problem, choice: Choice, w) -> list[Term]:
+def windowed(problem: Problem, kind: LayerKind) -> str | None:
+    """How a sliding-window layer runs where its window is shorter than the sequence: 'band' on longseq's block
+    kernels (with sinks, or on a ring: Note [Sliding windows on blocks]), 'chunks' as SDPA calls of a window's
+    queries each (parallel/local.py; no log-sum-exp, so no output is kept); None: no window cuts it."""
+    window = problem.shape.sliding_window
+    if kind.mixer != "sliding" or window is None or window >= problem.workload.length:
+        return None
+    return "band" if problem.shape.sinks or problem.layout.ring > 1 else "chunks"
+
+
+def keeps_output(problem: Problem, kind: LayerKind) -> bool:
+    """Whether the layer's attention can keep its output for backward (Note [Attention output cache])."""
+    return kind.mixer != "linear" and windowed(problem, kind) != "chunks"
+
+
+def attention_backward(problem: Problem, choice: Choice, w, kind: LayerKind = DENSE) -> list[Term]:
     """Buffers of the attention backward at its largest, on top of the layer's saved tensors."""
     dout = [Term("attention output gradient", _G, w.q)]
-    if w.path == "sdpa":
+    cut = windowed(problem, kind)
+    if cut == "band" and w.ring == 1:
+        return dout + _band_terms(problem, w)
+    if w.path == "sdpa" or cut == "chunks":
         kv_grad = w.q if w.expand and problem.machine.card.sdpa_gqa_expands_kv_grads else 0.0
         return dout + [Term("kernel dq, dk, dv", _G, w.q + 2 * w.kv),
                        Term("kernel dk, dv per query head", _G, 2 * kv_grad),
@@ -69,6 +89,21 @@ def attention_backward(problem: Problem, choice: Choice, w) -> list[Term]:
     if share < 1:
         terms.append(Term("dq, dk, dv of the whole sequence (per-document calls)", _G, w.q + 2 * w.kv))
     return terms
+
+
+def _band_terms(problem: Problem, w) -> list[Term]:
+    """A band's backward over every head of the rank (window.band_backward): fp32 dq, dk, dv and the rows' delta,
+    and one chunk of rows at a time: its scores' probabilities, the gradient against v less delta, and ds (three
+    (rows × keys) fp32 tensors per head); after the last chunk the gradients cast to the compute dtype instead."""
+    shape, batch = problem.shape, problem.workload.batch
+    heads, window, length = shape.heads // w.ulysses, shape.sliding_window, problem.workload.document
+    rows = max(1, min(length, window, BAND_SCORES // (batch * heads * 2 * min(window, length))))
+    chunk = 3 * batch * heads * rows * min(length, rows + window - 1) * 4
+    cast = (w.q + 2 * w.kv) if w.fp32 > 1 else 0.0
+    terms = [Term("band dq, dk, dv (fp32) and delta", _G, w.fp32 * (w.q + 2 * w.kv) + w.lse)]
+    if cast * problem.tokens > chunk:
+        return terms + [Term("band gradients cast to the compute dtype", _G, cast)]
+    return terms + [Term("band: one chunk's probabilities and their gradients (fp32)", _G, fixed=chunk)]
 
 
 def _ring_terms(w) -> list[Term]:

@@ -27,6 +27,9 @@ class Card:
     """Causal attention backward (2.5 × the forward's FLOPs) by head_dim, per second / 1e12."""
     gemm_tflops: float
     """Dense projections and MLP in a training step, per second / 1e12 (elementwise work around them included)."""
+    delta_rule_tflops: float
+    """longseq's chunked gated delta rule (Gated DeltaNet, fp32), forward and backward: model FLOPs (three times the
+    forward's, Note [Linear attention in the plan]) per second / 1e12."""
     host_to_device_gib_s: float
     """Pinned host → device copy bandwidth on a side stream."""
     device_to_host_gib_s: float

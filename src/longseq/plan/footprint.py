@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longseq.plan import memory, placement
+from longseq.plan import linear, memory, placement
 from longseq.plan.attention import attention_backward
 from longseq.plan.choice import Choice
+from longseq.plan.families import DENSE, LayerKind
 from longseq.plan.problem import Problem
 from longseq.plan.state import gradients_made, training_state
 from longseq.plan.terms import Peak, Term
@@ -50,16 +51,23 @@ def _total(terms: list[Term], tokens: int) -> float:
     return sum(t.per_token * tokens + t.fixed for t in terms)
 
 
-def layer_moments(problem: Problem, choice: Choice, w: memory.Widths) -> dict[str, list[Term]]:
-    """Each moment of a layer's backward: what the layer itself holds then."""
-    through, before = memory.layer_saved(problem, choice, w)
+def layer_moments(problem: Problem, choice: Choice, w: memory.Widths,
+                  kind: LayerKind = DENSE) -> dict[str, list[Term]]:
+    """Each moment of the backward of a layer of `kind`: what the layer itself holds then."""
+    through, before = memory.layer_saved(problem, choice, w, kind)
     if choice.checkpointing:
         through = through + placement.segment_inputs(choice, w)
     gradient = [Term("residual-stream gradient", "layer backward", w.hidden)]
+    moments = {"MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w, kind)}
+    if kind.mixer == "linear":
+        moments["linear attention backward"] = gradient + through + linear.backward(problem)
+        if choice.checkpointing:
+            inputs = [t for t in through if not t.name.startswith("Gated DeltaNet")]
+            moments["linear attention recompute"] = gradient + inputs + linear.recompute(problem)
+        return moments
     inputs = [t for t in through if t.name not in memory.ATTENTION_SAVED]
-    moments = {"MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w),
-               "attention backward": gradient + through + attention_backward(problem, choice, w),
-               "after the attention backward": gradient + inputs + memory.after_attention(problem, choice, w)}
+    moments.update({"attention backward": gradient + through + attention_backward(problem, choice, w, kind),
+                    "after the attention backward": gradient + inputs + memory.after_attention(problem, choice, w)})
     if w.ulysses > 1 and choice.checkpointing:
         inputs_only = ("layer input", "input RMSNorm: fp32 input copy and normed output")
         layer_input = [t for t in through if t.name in inputs_only]
@@ -69,10 +77,11 @@ def layer_moments(problem: Problem, choice: Choice, w: memory.Widths) -> dict[st
 
 def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placement.Placement) -> Peak:
     """The largest moment; sums numbers per layer and builds the term list only for the winner."""
-    tokens = problem.tokens
+    tokens, kinds = problem.tokens, problem.shape.kinds
     fixed = training_state(problem, choice)[0] + memory.global_terms(problem, w)
-    moments = layer_moments(problem, choice, w)
-    sizes = {name: _total(terms, tokens) for name, terms in moments.items()}
+    moments = {kind: layer_moments(problem, choice, w, kind) for kind in set(kinds)}
+    sizes = {kind: {name: _total(terms, tokens) for name, terms in by_name.items()}
+             for kind, by_name in moments.items()}
     totals: dict[int, float] = {}
     kept = [totals.setdefault(id(k), _total(k, tokens)) for k in layout.kept]
     loss, layers = memory.loss_terms(problem, choice, w), problem.shape.layers
@@ -83,7 +92,7 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     below = 0.0
     for i in range(layers):
         grads = _total(made[layers - 1 - i], tokens)  # the layers above are done
-        for name, size in sizes.items():
+        for name, size in sizes[kinds[i]].items():
             pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
             if below + grads + size + _total(pre, tokens) > best_size:
                 best, best_size = (name, i), below + grads + size + _total(pre, tokens)
@@ -95,7 +104,8 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
         return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
     pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
     below_terms = [t for k in layout.kept[:i] for t in k]
-    return Peak(f"{name} of layer {i}", fixed + made[layers - 1 - i] + below_terms + pre + moments[name], tokens)
+    return Peak(f"{name} of layer {i}", fixed + made[layers - 1 - i] + below_terms + pre + moments[kinds[i]][name],
+                tokens)
 
 
 def host_usage(problem: Problem, choice: Choice, layout: placement.Placement, limit: float) -> Peak:

@@ -32,7 +32,7 @@ cache on the host, norms fused into their readers, attention kernels on 4 of the
 three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device call 22 measured); longseq's makes the
 gradient alone, a chunk's product beside it (Note [Lean rotary backward], memory/rotary.py).
 
-The tensors marked "still held" were seen alive there in real steps on CPU (bench/live_bytes.py,
+The tensors marked "still held" were seen alive there in real steps on CPU (plan/live_bytes.py,
 tests/test_plan_measured.py); so were, under Ulysses, the recompute's all-to-all buffers beside q, k, v on both
 sides of it. A layer keeping its attention output on the GPU holds nothing of its recompute after its backward
 (Note [Kept pairs hold no graph], memory/attention_cache.py; tests/test_plan_measured.py checks it over steps). Without the cache the one-GPU path is the model's own SDPA (flash, for GQA: dk/dv per query head
@@ -48,13 +48,20 @@ Host per rank = the process itself + FSDP2's CPU-offloaded parameters, gradients
 parameter on its shard) + the offloader's arena (Note [Host arena]), which holds the offloaded checkpoints (H·e per
 token per offloaded layer, one per layers_per_checkpoint) and kept attention outputs (a·e + heads·4 per token per
 layer) in pages and grows by 1 GiB chunks within its budget.
+
+Layers differ in mixture-of-experts and hybrid models: each layer's kind (plan/families.py) picks its mixer's terms
+(attention as above; Gated DeltaNet: Note [Linear attention in the plan], linear.py; sliding windows: attention.py)
+and its feed-forward block's (dense as above; experts: Note [Expert blocks in the plan], experts.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from longseq.plan import experts, linear
+from longseq.plan.attention import windowed
 from longseq.plan.choice import Choice
+from longseq.plan.families import DENSE, LayerKind
 from longseq.plan.problem import Problem
 from longseq.plan.terms import Term
 
@@ -96,11 +103,19 @@ def norm_tile_positions(problem: Problem, choice: Choice) -> int:
     return max(1, choice.tile_memory_mib * _MIB // (problem.workload.batch * problem.shape.hidden * 3 * 4))
 
 
+def ffn_tiled(problem: Problem, choice: Choice, kind: LayerKind) -> bool:
+    """Whether the feed-forward block of a layer of `kind` runs over sequence tiles: tiled_mlp on and the sequence
+    longer than one of its tiles (expert blocks: see experts.runs_tiled)."""
+    if kind.ffn == "experts":
+        return experts.runs_tiled(problem, choice)
+    return choice.tiled_mlp and problem.tokens // problem.workload.batch > mlp_tile_positions(problem, choice)
+
+
 def effective(problem: Problem, choice: Choice) -> Choice:
-    """The choice as it runs (memory/tiled.py): a tiled MLP whose sequence fits in one tile runs untiled, and norms
-    are fused into their readers only when tiled and longer than a norm tile."""
+    """The choice as it runs (memory/tiled.py): tiled_mlp off when no layer's feed-forward block runs tiled (each
+    fits in one tile), and norms fused into their readers only when tiled and longer than a norm tile."""
     positions = problem.tokens // problem.workload.batch
-    if choice.tiled_mlp and positions <= mlp_tile_positions(problem, choice):
+    if choice.tiled_mlp and not any(ffn_tiled(problem, choice, kind) for kind in set(problem.shape.kinds)):
         choice = replace(choice, tiled_mlp=False)
     if choice.fuse_norms and not (choice.tiled_norms and positions > norm_tile_positions(problem, choice)):
         choice = replace(choice, fuse_norms=False)
@@ -121,44 +136,70 @@ def widths(problem: Problem, choice: Choice) -> Widths:
     )
 
 
-def layer_saved(problem: Problem, choice: Choice, w: Widths) -> tuple[list[Term], list[Term]]:
+def layer_saved(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = DENSE) -> tuple[list[Term], list[Term]]:
     """What one layer's graph keeps for its backward (recomputed under checkpointing, kept without): (the tensors
     alive through the attention backward, those the MLP, post-attention norm and o_proj backward free before it).
 
     A tiled norm keeps its bf16 input (the layer input, the residual after attention); an untiled RMSNorm keeps an
     fp32 copy of it and its normed bf16 output instead."""
-    shape, g, e = problem.shape, "layer saved tensors", problem.dtype_bytes
+    g = "layer saved tensors"
     if choice.tiled_norms:
         norm_in, norm_mid = [Term("layer input", g, w.hidden)], [Term("residual after attention", g, w.hidden)]
     else:
-        copy = shape.hidden * (4 + e)
+        copy = problem.shape.hidden * (4 + problem.dtype_bytes)
         norm_in = [Term("input RMSNorm: fp32 input copy and normed output", g, copy)]
         norm_mid = [Term("post-attention RMSNorm: fp32 input copy and normed output", g, copy)]
     # Norms fused into their readers (q/k/v projections, the tiled MLP) keep no normed output: the readers keep the
     # norm's input, which is the layer input or the residual, kept anyway.
     fused = choice.tiled_norms and choice.fuse_norms
-    normed = [] if fused else [Term("normed input (q/k/v projections' input)", g, w.hidden)]
-    through = norm_in + normed + [Term("q", g, w.q), Term("k and v", g, 2 * w.kv), Term("attention output", g, w.q),
-                                  Term("attention log-sum-exp", g, w.lse)]
-    if shape.qk_norm:
-        width = (shape.heads + shape.kv_heads) * shape.head_dim
-        through.append(Term("q/k RMSNorm fp32 copies and outputs", g, width * (4 + e)))
-    before = norm_mid + ([] if fused and choice.tiled_mlp else [Term("MLP input (normed)", g, w.hidden)])
-    if w.ulysses > 1 or w.ring > 1:
-        before.append(Term("o_proj input (a copy of the attention output)", g, w.q))
-    if not choice.tiled_mlp:
+    tiled = ffn_tiled(problem, choice, kind)
+    # Only a dense MLP reads its norm fused; an expert block keeps its normed input (its tiles' input).
+    before = norm_mid + ([] if fused and tiled and kind.ffn == "dense" else [Term("MLP input (normed)", g, w.hidden)])
+    if kind.mixer == "linear":
+        mixer, freed = linear.saved(problem, g)
+        through = norm_in + mixer
+        before += freed
+    else:
+        normed = [] if fused else [Term("normed input (q/k/v projections' input)", g, w.hidden)]
+        through = norm_in + normed + attention_saved(problem, w, g, kind)
+        copies = w.ulysses > 1 or w.ring > 1 or problem.shape.sinks or windowed(problem, kind) == "chunks"
+        if copies:  # the output comes back in another layout than o_proj's (after an exchange, a merge, chunks)
+            before.append(Term("o_proj input (a copy of the attention output)", g, w.q))
+    if kind.ffn == "experts" and not tiled:
+        before += experts.saved(problem, g)
+    elif not tiled:
         before.append(Term("MLP intermediates (gate, up, act, product)", g, 4 * w.inter))
     return through, before
 
 
-ATTENTION_SAVED = ("q", "k and v")  # what the attention backward releases of its saved tensors
+def attention_saved(problem: Problem, w: Widths, g: str, kind: LayerKind = DENSE) -> list[Term]:
+    """What an attention layer's mixer keeps: q, k, v (as the attention saves them), its output and log-sum-exp,
+    the q/k norms' fp32 copies, and a gated output's gate (Qwen3-Next, Qwen3.5: the gate, its sigmoid and the
+    gated output, which o_proj keeps). A window run as SDPA chunks (parallel/local.py) keeps K and V expanded to the
+    query heads and each chunk's additive window mask (2·window elements per token)."""
+    shape, e = problem.shape, problem.dtype_bytes
+    kv = [Term("k and v", g, 2 * w.kv)]
+    if windowed(problem, kind) == "chunks":
+        kv = [Term("K and V expanded to the query heads", g, 2 * (w.q if w.expand else w.kv)),
+              Term("window masks of the SDPA chunks", g, 2 * shape.sliding_window * e)]
+    terms = [Term("q", g, w.q), *kv, Term("attention output", g, w.q), Term("attention log-sum-exp", g, w.lse)]
+    if shape.qk_norm:
+        width = (shape.heads + shape.kv_heads) * shape.head_dim
+        terms.append(Term("q/k RMSNorm fp32 copies and outputs", g, width * (4 + e)))
+    if shape.attention_gate:
+        terms.append(Term("attention output gate: the gate, its sigmoid, the gated output", g, 3 * w.q))
+    return terms
+
+
+# what the attention backward releases of its saved tensors
+ATTENTION_SAVED = ("q", "k and v", "K and V expanded to the query heads", "window masks of the SDPA chunks")
 
 
 def after_attention(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     """Once the attention backward is done, in the rotary embedding's backward: the attention output and lse are
     still held, so are the q/k/v projections' outputs and the normed input (even with norms fused), and the
     gradient of q is made as one q-sized tensor, with one chunk's half-product beside it (Note [Lean rotary
-    backward]; autograd's own backward made three q-sized products). Seen with bench/live_bytes.py; the
+    backward]; autograd's own backward made three q-sized products). Seen with plan/live_bytes.py; the
     attention's own input gradients are gone by then."""
     g = "after the attention backward"
     terms = [Term("q/k/v projections' outputs", g, w.q + 2 * w.kv), *rotary_backward(problem, w, g)]
@@ -168,7 +209,10 @@ def after_attention(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
 
 
 def rotary_backward(problem: Problem, w: Widths, group: str) -> list[Term]:
-    """q's gradient made as one q-sized tensor with one chunk's half-product beside it (memory/rotary.py)."""
+    """q's gradient made as one q-sized tensor with one chunk's half-product beside it (memory/rotary.py); the
+    model's own rotary (GPT-OSS's, a partial one) holds autograd's three q-sized products."""
+    if not problem.shape.lean_rotary:
+        return [Term("rotary backward of q (the model's own: three q-sized products)", group, 3 * w.q)]
     chunk = min(_ROTARY_CHUNK, problem.tokens * w.q / 2)
     return [Term("rotary backward of q: its gradient", group, w.q),
             Term("rotary backward of q: one chunk's half-product", group, fixed=chunk)]
@@ -177,7 +221,7 @@ def rotary_backward(problem: Problem, w: Widths, group: str) -> list[Term]:
 def ulysses_recompute(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
     """A layer's recompute under Ulysses, at its all-to-all (Note [Ulysses all-to-all]): q, k, v before the exchange,
     its send and receive buffers and the dense q, k, v after it, beside the normed input and the layer's own kept
-    attention output brought back (seen with bench/live_bytes.py)."""
+    attention output brought back (seen with plan/live_bytes.py)."""
     g, qkv = "Ulysses exchange in the recompute", w.q + 2 * w.kv
     terms = [Term("q, k, v before the exchange", g, qkv), Term("all-to-all send buffer", g, qkv),
              Term("all-to-all receive buffer", g, qkv), Term("q, k, v after the exchange", g, qkv),
@@ -187,18 +231,20 @@ def ulysses_recompute(problem: Problem, choice: Choice, w: Widths) -> list[Term]
     return terms
 
 
-def mlp_backward(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
-    """The MLP's backward, on top of all the layer's saved tensors."""
+def mlp_backward(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = DENSE) -> list[Term]:
+    """The MLP's (or expert block's) backward, on top of all the layer's saved tensors."""
     g = "MLP backward"
     shape, trains = problem.shape, problem.workload.training != "lora"
+    if kind.ffn == "experts":
+        return experts.backward(problem, choice, ffn_tiled(problem, choice, kind))
     # At the MLP backward's peak six I-wide tensors live: gate, act and up (saved), the gradient of down_proj's
     # input, then those of act and up; the product (down_proj's saved input) is freed by then, and no gradient has
-    # reached the MLP's input yet (seen with bench/live_bytes.py).
-    if not choice.tiled_mlp:
+    # reached the MLP's input yet (seen with plan/live_bytes.py).
+    if not ffn_tiled(problem, choice, kind):
         return [Term("MLP backward: three gradients, less the freed product", g, 2 * w.inter)]
     terms = [Term("MLP input gradient", g, w.hidden)]
     # One tile's recompute and gradients: gate, up, act, product and their gradients (eight I-wide at most, seen
-    # with bench/live_bytes.py) and the gradients of gate's and up's inputs.
+    # with plan/live_bytes.py) and the gradients of gate's and up's inputs.
     positions = mlp_tile_positions(problem, choice) * problem.workload.batch
     terms.append(Term("MLP tile (its recompute and gradients)", g, fixed=positions * (8 * w.inter + 2 * w.hidden)))
     if trains:
@@ -232,5 +278,6 @@ def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
 
 
 def global_terms(problem: Problem, w: Widths) -> list[Term]:
-    return [Term("rotary cos and sin", "buffers", 2 * w.head_dim_bytes),
+    width = problem.shape.rotary_width or problem.shape.head_dim
+    return [Term("rotary cos and sin", "buffers", 2 * width * problem.dtype_bytes),
             Term("token ids, positions, labels", "buffers", 3 * 8.0)]

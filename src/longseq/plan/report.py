@@ -73,7 +73,9 @@ def as_dict(result: Plan) -> dict:
 def table(result: Plan) -> str:
     d, p = as_dict(result), result.problem
     shape, layout = p.shape, d["layout"]
-    lines = [f"longseq plan: {shape.name} ({shape.layers} layers, {shape.params / 1e9:.2f} B parameters), "
+    active = f", {shape.active_params / 1e9:.2f} B active" if shape.experts is not None else ""
+    lines = [f"longseq plan: {shape.name} ({shape.layers} layers: {shape.layer_summary()}; "
+             f"{shape.params / 1e9:.2f} B parameters{active}), "
              f"{p.layout.gpus} GPU(s) {p.machine.card.name} (sp={layout['sp']}: ulysses {layout['ulysses']} × ring "
              f"{layout['ring']}, dp={layout['dp']}), {p.workload.batch} × {p.workload.length} tokens, "
              f"training: {p.workload.training}"]

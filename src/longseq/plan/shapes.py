@@ -7,11 +7,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from longseq.plan.errors import PlanError
+from longseq.plan.families import DENSE, ExpertShape, LayerKind, LinearShape, family_fields
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """A dense decoder-only transformer (Llama family) by its dimensions."""
+    """A decoder-only transformer by its dimensions: a dense Llama-family decoder, or one whose layers differ
+    (mixture-of-experts blocks, Gated DeltaNet layers, sliding windows; plan/families.py)."""
 
     name: str
     """What the shape was read from (a named shape, a path or a config class)."""
@@ -33,6 +35,27 @@ class ModelShape:
     """The lm_head shares the embedding matrix."""
     qk_norm: bool = False
     """Per-head RMSNorm on q and k (Qwen3): they keep fp32 copies for backward (not tiled)."""
+    qk_norm_full_width: bool = False
+    """The q/k norms' weights span all heads (OLMo-2's, OLMo-Hybrid's) rather than one head."""
+    layer_kinds: tuple[LayerKind, ...] = ()
+    """Each layer's token mixer and feed-forward block; empty: every layer full attention and a dense MLP."""
+    experts: ExpertShape | None = None
+    """The mixture-of-experts block of the layers whose kind says 'experts'."""
+    linear: LinearShape | None = None
+    """The Gated DeltaNet of the layers whose kind says 'linear'."""
+    sliding_window: int | None = None
+    """Tokens a 'sliding' layer's query sees (itself included)."""
+    sinks: bool = False
+    """Attention sinks (GPT-OSS): longseq's block kernels run every attention layer."""
+    attention_gate: bool = False
+    """The attention output is gated by a sigmoid of a second q-wide projection (Qwen3-Next, Qwen3.5)."""
+    attention_bias: bool = False
+    """Biases on q, k, v and o projections (GPT-OSS)."""
+    rotary_width: int | None = None
+    """Width of the rotary cos and sin per token (None: head_dim; GPT-OSS's are half as wide, a partial rotary's
+    narrower)."""
+    lean_rotary: bool = True
+    """longseq's lean rotary backward replaces the model's (memory/rotary.py): a standard, full-width rotary."""
 
     @property
     def attention_width(self) -> int:
@@ -44,11 +67,32 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     @property
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: q, k, v, o projections, the MLP's three, two norms (and q/k norms)."""
+    def kinds(self) -> tuple[LayerKind, ...]:
+        """Each layer's kind (DENSE for every layer of a dense decoder)."""
+        return self.layer_kinds or (DENSE,) * self.layers
+
+    def kind_params(self, kind: LayerKind) -> int:
+        """Parameters of one decoder layer of `kind`: its mixer, its feed-forward block and two norms."""
         h, a = self.hidden, self.attention_width
-        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
-        return h * a * 2 + 2 * h * self.kv_width + 3 * h * self.intermediate + norms
+        if kind.mixer == "linear":
+            mixer = self.linear.params(h)
+        else:
+            q = a * (2 if self.attention_gate else 1)
+            norms = (a + self.kv_width if self.qk_norm_full_width else 2 * self.head_dim) if self.qk_norm else 0
+            mixer = h * (q + 2 * self.kv_width) + a * h + norms
+            mixer += (q + 2 * self.kv_width + h if self.attention_bias else 0) + (self.heads if self.sinks else 0)
+        ffn = self.experts.params(h) if kind.ffn == "experts" else 3 * h * self.intermediate
+        return mixer + ffn + 2 * h
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of the largest decoder layer (what FSDP2 gathers at once): q, k, v, o projections (or a Gated
+        DeltaNet), the MLP's three (or every expert and the router), two norms (and q/k norms)."""
+        return max(self.kind_params(kind) for kind in set(self.kinds))
+
+    def params_of_layers(self, first: int, stop: int) -> int:
+        """Parameters of decoder layers first .. stop − 1."""
+        return sum(self.kind_params(kind) for kind in self.kinds[first:stop])
 
     @property
     def root_params(self) -> int:
@@ -57,10 +101,31 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + self.root_params
+        return self.params_of_layers(0, self.layers) + self.root_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token goes through: of an expert block, the router, the shared expert and top_k experts."""
+        if self.experts is None:
+            return self.params
+        idle = (self.experts.experts - self.experts.top_k) * 3 * self.hidden * self.experts.intermediate
+        return self.params - idle * sum(kind.ffn == "experts" for kind in self.kinds)
+
+    def layer_summary(self) -> str:
+        """The layers by kind, e.g. '36 Gated DeltaNet, 12 attention; 48 with experts (512, top 10)'."""
+        mixers = {"attention": "attention", "sliding": "sliding-window attention", "linear": "Gated DeltaNet"}
+        counts = [f"{sum(k.mixer == m for k in self.kinds)} {name}" for m, name in mixers.items()
+                  if any(k.mixer == m for k in self.kinds)]
+        experts = sum(k.ffn == "experts" for k in self.kinds)
+        if experts:
+            shared = f", shared {self.experts.shared_intermediate}" if self.experts.shared_intermediate else ""
+            counts[-1] += f"; {experts} with experts ({self.experts.experts}, top {self.experts.top_k}{shared})"
+        return ", ".join(counts)
 
     def with_layers(self, layers: int) -> ModelShape:
-        return replace(self, layers=layers)
+        """The same decoder with `layers` layers, their kinds repeating the pattern of the first ones."""
+        kinds = tuple(self.layer_kinds[i % len(self.layer_kinds)] for i in range(layers)) if self.layer_kinds else ()
+        return replace(self, layers=layers, layer_kinds=kinds)
 
 
 # Random-weight shapes the benchmarks build (bench/common.py), by their published configs.
@@ -73,8 +138,8 @@ SHAPES = {
                            intermediate=9728, vocab=151936, tied_embeddings=True, qk_norm=True),
 }
 
-_QK_NORM_TYPES = ("qwen3", "gemma3", "gemma3_text", "olmo2")
-_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_QK_NORM_TYPES = ("qwen3", "gemma3", "gemma3_text", "olmo2", "qwen3_moe", "qwen3_next", "qwen3_5_text",
+                  "qwen3_5_moe_text", "olmo_hybrid")
 
 
 def shape_from_config(config, name: str | None = None) -> ModelShape:
@@ -84,19 +149,19 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
     if text is not None:
         return shape_from_config(text, name)
     label = name or get("model_type") or type(config).__name__
-    if any(get(key) for key in _MOE_KEYS):
-        raise PlanError(f"{label}: mixture-of-experts models are not modelled by longseq plan yet; plan a dense "
-                        "decoder (e.g. --shape llama-8b).")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                           "vocab_size") if get(k) is None]
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if get(k) is None]
     if missing:
         raise PlanError(f"{label}: the config has no {', '.join(missing)}; pass a decoder's config.json or --shape.")
     heads = get("num_attention_heads")
+    fields = family_fields(get, label)
+    if get("intermediate_size") is None and any(kind.ffn == "dense" for kind in fields.get("layer_kinds", (DENSE,))):
+        raise PlanError(f"{label}: the config has no intermediate_size; pass a decoder's config.json or --shape.")
     return ModelShape(
         name=label, hidden=get("hidden_size"), layers=get("num_hidden_layers"), heads=heads,
         kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or get("hidden_size") // heads,
-        intermediate=get("intermediate_size"), vocab=get("vocab_size"),
+        intermediate=get("intermediate_size") or 0, vocab=get("vocab_size"),
         tied_embeddings=bool(get("tie_word_embeddings", False)), qk_norm=get("model_type") in _QK_NORM_TYPES,
+        qk_norm_full_width=get("model_type") in ("olmo2", "olmo_hybrid"), **fields,
     )
 
 

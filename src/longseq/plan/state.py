@@ -22,11 +22,21 @@ FP32_STATE = 16  # bytes per parameter: fp32 master weight, fp32 gradient, AdamW
 
 
 def lora_params(problem: Problem) -> int:
-    """Adapter parameters: rank × (in + out) per projection (q, k, v, o, gate, up, down) and layer."""
+    """Adapter parameters: rank × (in + out) per projection (q, k, v, o, gate, up, down) and layer. Expert blocks
+    (their weights are stacked, not linear layers) get adapters on their shared expert only; a Gated DeltaNet
+    layer on its input and output projections."""
     s, r = problem.shape, problem.workload.lora_rank
-    h, a, kv, i = s.hidden, s.attention_width, s.kv_width, s.intermediate
-    per_layer = (h + a) * 2 + (h + kv) * 2 + (h + i) * 3
-    return r * per_layer * s.layers
+    h, a, kv = s.hidden, s.attention_width, s.kv_width
+    total = 0
+    for kind in s.kinds:
+        if kind.mixer == "linear":  # in-projections (q, k, v, z; b, a) and the out-projection
+            linear = s.linear
+            total += 2 * h + linear.conv_width + linear.value_width + 2 * linear.v_heads + linear.value_width + h
+        else:
+            total += (h + a * (2 if s.attention_gate else 1)) + (h + a) + (h + kv) * 2
+        inner = s.intermediate if kind.ffn == "dense" else s.experts.shared_intermediate
+        total += (h + inner) * 3 if inner else 0
+    return r * total
 
 
 def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[Term]]:
@@ -60,6 +70,6 @@ def gradients_made(problem: Problem, choice: Choice, layers_done: int | None) ->
     if problem.workload.training != "full" or choice.fsdp_cpu_offload:
         return []
     s = problem.shape
-    params = s.params if layers_done is None else layers_done * s.layer_params
+    params = s.params if layers_done is None else s.params_of_layers(s.layers - layers_done, s.layers)
     return [Term("FSDP2 shard: fp32 gradients made so far", "weights, gradients, optimizer",
                  fixed=params * 4 / problem.layout.gpus)] if params else []

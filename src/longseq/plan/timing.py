@@ -5,11 +5,15 @@ Note [Step time]
 Per layer, with s tokens on the rank, P the layer's projection and MLP weights, a = heads × head_dim and causal
 attention within documents of length d over sequences of length S:
 
-    attention forward   2·B·S·d·a / sp FLOPs at attention_forward_tflops; backward 2.5× that at the backward speed;
-                        a checkpointed layer whose output is not kept runs the forward again in backward
+    attention forward   2·B·S·d·a / sp FLOPs at attention_forward_tflops (4·a per (query, key) pair: a sliding
+                        window bounds the pairs); backward 2.5× that at the backward speed; a checkpointed layer
+                        whose output is not kept runs the forward again in backward
+    Gated DeltaNet      the chunked rule's forward FLOPs (Note [Linear attention in the plan]), three times that for
+                        forward and backward, at delta_rule_tflops; its forward again under checkpointing
     projections, MLP    2·s·P forward, twice that backward (once for frozen weights: no weight gradients), and the
                         forward again under checkpointing (the tiled MLP recomputes its tiles in backward even
-                        without checkpointing), at gemm_tflops
+                        without checkpointing), at gemm_tflops; of an expert block only the top-k experts, the
+                        router and the shared expert count (Note [Expert blocks in the plan])
     tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums); norms
                         fused into their readers: the q/k/v projections' forward once more, and fused_norms_ns
     segments            with layers_per_checkpoint k, k − 1 of a segment's k layers run forward once more in
@@ -36,8 +40,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from longseq.plan import experts, linear
+from longseq.plan.attention import keeps_output
 from longseq.plan.choice import Choice
-from longseq.plan.memory import effective, loss_tile_tokens
+from longseq.plan.families import DENSE, LayerKind
+from longseq.plan.memory import effective, ffn_tiled, loss_tile_tokens
 from longseq.plan.problem import Problem
 
 _G = 2**30
@@ -62,64 +69,95 @@ def _exposed(traffic: float, compute: float) -> float:
     return max(0.0, traffic - compute)
 
 
-def layer_flops(problem: Problem) -> tuple[float, float, float]:
-    """(attention forward FLOPs, attention-projection FLOPs, MLP FLOPs) of one layer's forward on one rank."""
-    shape, work, layout = problem.shape, problem.workload, problem.layout
-    attention = 2.0 * work.batch * work.length * work.document * shape.attention_width / layout.sp
-    h = shape.hidden
-    projections = 2.0 * problem.tokens * (2 * h * shape.attention_width + 2 * h * shape.kv_width)
-    mlp = 2.0 * problem.tokens * 3 * h * shape.intermediate
+def attention_pairs(document: int, window: int | None) -> float:
+    """(query, key) pairs of causal attention over one document, within a sliding window if given."""
+    if window is None or window >= document:
+        return document * document / 2
+    return document * window - window * window / 2
+
+
+def layer_flops(problem: Problem, kind: LayerKind = DENSE) -> tuple[float, float, float]:
+    """(attention forward FLOPs, token-mixer projection FLOPs, MLP FLOPs) of one layer's forward on one rank: 4·a
+    FLOPs per (query, key) pair (2·S²·a for a causal sequence), a sliding window bounding the pairs; the active
+    experts only (experts.py); none for a Gated DeltaNet layer's attention (its rule: linear_flops)."""
+    shape, work, layout, h = problem.shape, problem.workload, problem.layout, problem.shape.hidden
+    if kind.mixer == "linear":
+        attention, projections = 0.0, linear.projection_flops(problem)
+    else:
+        window = shape.sliding_window if kind.mixer == "sliding" else None
+        documents = work.batch * work.length / work.document
+        attention = 4.0 * documents * attention_pairs(work.document, window) * shape.attention_width / layout.sp
+        q = shape.attention_width * (2 if shape.attention_gate else 1)
+        projections = 2.0 * problem.tokens * (h * q + h * shape.attention_width + 2 * h * shape.kv_width)
+    mlp = experts.forward_flops(problem) if kind.ffn == "experts" else 2.0 * problem.tokens * 3 * h * shape.intermediate
     return attention, projections, mlp
 
 
 def step_time(problem: Problem, choice: Choice) -> StepTime:
     choice = effective(problem, choice)
-    card, shape, tokens = problem.machine.card, problem.shape, problem.tokens
-    trains_weights = problem.workload.training != "lora"
-    attention, projections, mlp = layer_flops(problem)
-    gemm = card.gemm_tflops * 1e12
-    backward = 2.0 if trains_weights else 1.0
-    step = StepTime()
-    forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(shape.head_dim))
-    layer_forward = attention / forward_speed + (projections + mlp) / gemm
-    layer_backward = 2.5 * attention / backward_speed + backward * (projections + mlp) / gemm
-    for (checkpoint, kept), count in Counter(choice.placement(shape.layers)).items():
-        layer = StepTime()
-        layer.add("attention", attention / forward_speed + 2.5 * attention / backward_speed)
-        layer.add("projections and MLP", (1 + backward) * (projections + mlp) / gemm)
-        if choice.checkpointing:  # every layer is checkpointed on its own, whatever keeps its input
-            layer.add("attention recomputed", attention / forward_speed * (kept == "recompute"))
-            layer.add("forward recomputed", projections / gemm + (0 if choice.tiled_mlp else mlp / gemm))
-        k = choice.layers_per_checkpoint
-        if choice.checkpointing and k > 1:  # k − 1 of a segment's k layers run forward once more to rebuild inputs
-            again = (projections + mlp) / gemm + attention / forward_speed * (kept == "recompute")
-            layer.add("segment inputs rebuilt", again * (k - 1) / k)
-        if choice.tiled_mlp:
-            layer.add("MLP recomputed in its tiles", mlp / gemm)
-            layer.add("tiled MLP overhead", card.tiled_mlp_ns * 1e-9 * tokens)
-        if choice.tiled_norms:
-            layer.add("tiled norms overhead", card.tiled_norms_ns * 1e-9 * tokens)
-        if choice.fuse_norms:  # the q/k/v projections' forward again in their tiles, their norm with them
-            layer.add("fused norms: projections recomputed", projections / gemm)
-            layer.add("fused norms overhead", card.fused_norms_ns * 1e-9 * tokens)
-        _communication(problem, choice, layer, checkpoint, kept, layer_forward, layer_backward)
+    shape, step = problem.shape, StepTime()
+    for ((checkpoint, kept), kind), count in Counter(zip(choice.placement(shape.layers), shape.kinds)).items():
+        layer = _layer_time(problem, choice, kind, checkpoint, kept)
         for name, seconds in layer.components.items():
             step.add(name, seconds * count)
     _loss_and_optimizer(problem, choice, step)
     return step
 
 
-def _communication(problem, choice, step, checkpoint, kept, layer_forward, layer_backward) -> None:
+def _layer_time(problem: Problem, choice: Choice, kind: LayerKind, checkpoint: str, kept: str) -> StepTime:
+    """One layer's time under its placement (checkpoint, attention output kept)."""
+    card, shape, tokens = problem.machine.card, problem.shape, problem.tokens
+    attention, projections, mlp = layer_flops(problem, kind)
+    gemm, backward = card.gemm_tflops * 1e12, 2.0 if problem.workload.training != "lora" else 1.0
+    forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(shape.head_dim))
+    mixer_forward, mixer_backward = attention / forward_speed, 2.5 * attention / backward_speed
+    if kind.mixer == "linear":  # forward and backward: three times the forward's FLOPs (Note [Linear attention...])
+        mixer_forward = linear.core_flops(problem) / (card.delta_rule_tflops * 1e12)
+        mixer_backward = 2 * mixer_forward
+    if not keeps_output(problem, kind):
+        kept = "recompute"
+    tiled = ffn_tiled(problem, choice, kind)
+    layer = StepTime()
+    layer.add("attention" if kind.mixer != "linear" else "linear attention", mixer_forward + mixer_backward)
+    layer.add("projections and MLP", (1 + backward) * (projections + mlp) / gemm)
+    if choice.checkpointing:  # every layer is checkpointed on its own, whatever keeps its input
+        layer.add("attention recomputed", mixer_forward * (kept == "recompute"))
+        layer.add("forward recomputed", projections / gemm + (0 if tiled else mlp / gemm))
+    k = choice.layers_per_checkpoint
+    if choice.checkpointing and k > 1:  # k − 1 of a segment's k layers run forward once more to rebuild inputs
+        again = (projections + mlp) / gemm + mixer_forward * (kept == "recompute")
+        layer.add("segment inputs rebuilt", again * (k - 1) / k)
+    if tiled:
+        layer.add("MLP recomputed in its tiles", mlp / gemm)
+        layer.add("tiled MLP overhead", card.tiled_mlp_ns * 1e-9 * tokens)
+    if choice.tiled_norms:
+        layer.add("tiled norms overhead", card.tiled_norms_ns * 1e-9 * tokens)
+    if choice.fuse_norms and kind.mixer != "linear":  # the q/k/v projections again in their tiles, with their norm
+        layer.add("fused norms: projections recomputed", projections / gemm)
+        layer.add("fused norms overhead", card.fused_norms_ns * 1e-9 * tokens)
+    layer_forward = mixer_forward + (projections + mlp) / gemm
+    layer_backward = mixer_backward + backward * (projections + mlp) / gemm
+    _communication(problem, choice, kind, layer, (checkpoint, kept), (layer_forward, layer_backward),
+                   mixer_backward)
+    return layer
+
+
+def _communication(problem, choice, kind, step, placed, compute, mixer_backward) -> None:
+    """Ulysses, ring, offload and FSDP2 traffic of one layer, less what its compute (forward, backward) hides."""
     card, shape, layout, tokens, e = (problem.machine.card, problem.shape, problem.layout, problem.tokens,
                                       problem.dtype_bytes)
+    (checkpoint, kept), (layer_forward, layer_backward) = placed, compute
     kv = max(shape.kv_heads, layout.ulysses) * shape.head_dim
     passes = 3 if choice.checkpointing else 2  # forward, backward, and the recompute
     if layout.ulysses > 1:
-        exchanged = tokens * (2 * shape.attention_width + 2 * kv) * e * (layout.ulysses - 1) / layout.ulysses
+        width = 2 * shape.attention_width + 2 * kv
+        if kind.mixer == "linear":  # q, k, v and the gates a, b out; the rule's output back
+            width = shape.linear.conv_width + 2 * shape.linear.v_heads + shape.linear.value_width
+        exchanged = tokens * width * e * (layout.ulysses - 1) / layout.ulysses
         step.add("Ulysses all-to-all", passes * exchanged / (card.all_to_all_gib_s * _G))
-    if layout.ring > 1:
+    if layout.ring > 1 and kind.mixer != "linear":
         steps, kv_bytes = layout.ring - 1, tokens * 2 * kv * e
-        attention = layer_flops(problem)[0] / layout.ring
+        attention = layer_flops(problem, kind)[0] / layout.ring
         forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(shape.head_dim))
         forward_step, backward_step = attention / forward_speed, 2.5 * attention / backward_speed
         link = card.p2p_gib_s * _G
@@ -132,16 +170,15 @@ def _communication(problem, choice, step, checkpoint, kept, layer_forward, layer
     # Brought back after the attention backward (prefetch_after_attention), a copy has the rest of the layer's
     # backward to hide behind; otherwise all of it.
     after = choice.prefetch_after_attention and choice.cache_attention
-    window = layer_backward - (2.5 * layer_flops(problem)[0] / (card.attention_tflops(shape.head_dim)[1] * 1e12)
-                               if after else 0.0)
+    window = layer_backward - (mixer_backward if after else 0.0)
     step.add("offload copies not hidden", _exposed(offloaded / (card.device_to_host_gib_s * _G), layer_forward)
              + _exposed(offloaded / (card.host_to_device_gib_s * _G), window))
-    _fsdp(problem, choice, step, layer_forward, layer_backward)
+    _fsdp(problem, choice, kind, step, layer_forward, layer_backward)
 
 
-def _fsdp(problem, choice, step, layer_forward, layer_backward) -> None:
+def _fsdp(problem, choice, kind, step, layer_forward, layer_backward) -> None:
     """FSDP2's per-layer traffic, overlapped with the layer's compute (training='full' and 'lora' over ranks)."""
-    card, params, ranks = problem.machine.card, problem.shape.layer_params, problem.layout.gpus
+    card, params, ranks = problem.machine.card, problem.shape.kind_params(kind), problem.layout.gpus
     mode = problem.workload.training
     if mode == "forward-backward" or (mode == "lora" and ranks == 1):
         return

@@ -26,14 +26,27 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
 
 
 def matmul_params(model) -> int:
-    """Parameters that take part in matmuls: all but the input embedding (a lookup), counted once if tied."""
+    """Parameters a token's matmuls go through: all but the input embedding (a lookup), counted once if tied, and of
+    a mixture-of-experts block only the top_k experts a token is routed to (not the experts it skips)."""
     embedding = model.get_input_embeddings().weight
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen and p is not embedding:
             seen.add(id(p))
             total += p.numel()
-    return total
+    return total - _idle_expert_params(model.config)
+
+
+def _idle_expert_params(config) -> int:
+    """Parameters of the experts a token is not routed to, per the plan's reading of the family (0 when dense)."""
+    from longseq.plan import PlanError
+    from longseq.plan.shapes import shape_from_config
+
+    try:
+        shape = shape_from_config(config)
+    except PlanError:  # a family the plan does not read: count every parameter, as for a dense model
+        return 0
+    return shape.params - shape.active_params
 
 
 def train_flops(params: int, layers: int, hidden: int, position_ids: torch.Tensor) -> float:

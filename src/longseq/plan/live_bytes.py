@@ -1,5 +1,6 @@
 """Peak bytes of live tensors on CPU: the CPU stand-in for torch.cuda.max_memory_allocated that bench/bench_plan.py
-and tests/test_plan_measured.py compare the plan with.
+and tests/test_plan_measured.py compare the plan with, and what the plan measures longseq's Gated DeltaNet mixer by
+(plan/linear.py).
 
     with LiveBytes() as live:
         step()
@@ -59,6 +60,10 @@ class LiveBytes(TorchDispatchMode):
                 self.peak = self.current
                 if self.record:
                     self.at_peak = [(op, n) for _, n, op in self.live.values()]
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now (the peak of a later phase, e.g. a backward after its forward)."""
+        self.peak = self.alive()
 
     def alive(self) -> int:
         """Bytes of the storages made inside the block that are still alive now (after it: what a step leaves)."""
