@@ -148,7 +148,7 @@ def test_training_mode_inferred_from_trainable_parameters():
 
 
 # GPUs this small flip the tiny mixture-of-experts and hybrid models' features between 512 and 2048 tokens
-MIXED_GPU_GIB = {"qwen3_moe": 0.016, "qwen3_next": 0.04}
+MIXED_GPU_GIB = {"qwen3_moe": 0.016, "qwen3_next": 0.028}  # Qwen3-Next: 0.027-0.029 since the rule's blocks
 
 
 @pytest.mark.parametrize("family", sorted(MIXED_GPU_GIB))

@@ -98,6 +98,8 @@ class ChunkLayout:
     run_ends: torch.Tensor
     """(rows, runs) the last chunk of each of the rank's runs (their maps are exchanged); (rows, 0) without state
     passing; −1 in a block's layout where the run ends outside the block."""
+    block_chunks: int
+    """Chunks that go through the maps and the scan together (Note [Chunked gated delta rule], Blocks)."""
 
     def block(self, start: int, stop: int) -> ChunkLayout:
         """Chunks start..stop − 1 as a layout of their own (Note [Chunked gated delta rule], Blocks)."""
@@ -109,9 +111,10 @@ class ChunkLayout:
 
 
 def chunk_layout(segments: list[list[Segment]], local_length: int, run_ends: list[list[int]] | None = None,
-                 device=None, chunk: int = CHUNK_TOKENS) -> ChunkLayout:
+                 device=None, chunk: int = CHUNK_TOKENS, block_chunks: int | None = None) -> ChunkLayout:
     """Lay each row's segments out on chunk boundaries. `run_ends[row][r]` names the segment (by index in the row)
-    that ends run r; the layout turns it into that segment's last chunk."""
+    that ends run r; the layout turns it into that segment's last chunk. Blocks of `block_chunks` chunks (None:
+    BLOCK_CHUNKS)."""
     rows = [_row_chunks(row_segments, chunk) for row_segments in segments]
     chunks = max(len(row["keep"]) for row in rows)
     dest = torch.empty(len(rows) * local_length, dtype=torch.long)
@@ -126,7 +129,8 @@ def chunk_layout(segments: list[list[Segment]], local_length: int, run_ends: lis
     ends = [[row["last"][s] for s in (run_ends[r] if run_ends else [])] for r, row in enumerate(rows)]
     return ChunkLayout(rows=len(rows), chunks=chunks, dest=dest.to(device), keep=table("keep", 0.0),
                        link=table("link", 0.0), chunk_run=table("run", 0),
-                       run_ends=torch.tensor(ends, dtype=torch.long, device=device).view(len(rows), -1))
+                       run_ends=torch.tensor(ends, dtype=torch.long, device=device).view(len(rows), -1),
+                       block_chunks=block_chunks or BLOCK_CHUNKS)
 
 
 def _row_chunks(segments: list[Segment], chunk: int) -> dict:
@@ -281,14 +285,14 @@ def gated_delta_rule(q, k, v, g, beta, layout: ChunkLayout, incoming=None) -> to
     """The gated delta rule over the layout's segments, without state from elsewhere (`incoming` None) or with the
     incoming states (B, H, runs, dk, dv) of linked segments. q, k (B, L, Hk, dk), v (B, L, Hv, dv), g, beta
     (B, L, Hv); returns (B, L, Hv, dv) in v's dtype."""
-    blocks = in_blocks(chunked(q, k, v, g, beta, layout))
+    blocks = in_blocks(chunked(q, k, v, g, beta, layout), layout.block_chunks)
     return from_chunks(block_outputs(blocks, layout, incoming), layout, q.shape[1])
 
 
-def in_blocks(tensors, block_chunks: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """`chunked`'s tensors cut into blocks of `block_chunks` (default BLOCK_CHUNKS) chunks: (q, k, v, g, beta) per
-    block. One split per tensor, so that the backward joins the blocks' gradients once."""
-    pieces = [x.split(block_chunks or BLOCK_CHUNKS, dim=2) for x in tensors]
+def in_blocks(tensors, block_chunks: int) -> list[tuple[torch.Tensor, ...]]:
+    """`chunked`'s tensors cut into blocks of `block_chunks` chunks: (q, k, v, g, beta) per block. One split per
+    tensor, so that the backward joins the blocks' gradients once."""
+    pieces = [x.split(block_chunks, dim=2) for x in tensors]
     return list(zip(*pieces))
 
 

@@ -139,8 +139,9 @@ class LinearPlan:
 
 
 def linear_plan(boundaries: list[list[int]], sharding: LinearSharding, local_length: int, kernel: int,
-                device) -> LinearPlan:
-    """The plan for rows whose documents start at `boundaries` (global offsets, as parallel/documents.py gives)."""
+                device, block_chunks: int | None = None) -> LinearPlan:
+    """The plan for rows whose documents start at `boundaries` (global offsets, as parallel/documents.py gives); the
+    recurrence in blocks of `block_chunks` chunks (None: delta_rule.BLOCK_CHUNKS)."""
     runs = member_runs(local_length * sharding.members, sharding.ring, sharding.members)
     mine = runs[sharding.member]
     segments, run_ends, conv_rows = [], [], []
@@ -151,7 +152,7 @@ def linear_plan(boundaries: list[list[int]], sharding: LinearSharding, local_len
         conv_rows.append(conv_runs)
     linking = sharding.members > 1
     conv = conv_plan(conv_rows, local_length, kernel, device)
-    chunks = chunk_layout(segments, local_length, run_ends if linking else None, device)
+    chunks = chunk_layout(segments, local_length, run_ends if linking else None, device, block_chunks=block_chunks)
     if not linking:
         return LinearPlan(conv=conv, chunks=chunks)
     runs_max = max(len(r) for r in runs)
@@ -265,7 +266,7 @@ def _convolve(sharding, plan, q, k, v, k_heads, v_heads, weights: GatedDeltaNetW
 
 def _passed_delta_rule(sharding, plan, q, k, v, g, beta) -> torch.Tensor:
     """The recurrence with states passed between the ranks (Note [Linear attention state passing])."""
-    blocks = in_blocks(chunked(q, k, v, g, beta, plan.chunks))
+    blocks = in_blocks(chunked(q, k, v, g, beta, plan.chunks), plan.chunks.block_chunks)
     run_maps = block_run_maps(blocks, plan.chunks)
     transitions, updates = (F.pad(m, (0, 0, 0, 0, 0, plan.runs_max - m.shape[2])) for m in run_maps)
     incoming = incoming_states(sharding.state_group, transitions, updates, plan.order, plan.mine)
