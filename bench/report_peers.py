@@ -93,16 +93,19 @@ def longest(points: dict, names, key: tuple) -> tuple[int | None, int | None]:
 
 def marginal_kib_per_token(points: dict) -> dict:
     """(contender, shape, sp, layers) -> {"L1-L2": KiB} GPU memory per extra token a GPU holds, between the two
-    longest ok lengths of one contender (the weights' fixed part cancels out)."""
+    longest ok lengths of one contender (the weights' fixed part cancels out). Only between runs of one memory
+    configuration: `--memory auto` picks one per length, and the difference of two configurations' peaks is no
+    per-token cost."""
     by_series = defaultdict(list)
     for (*key, length), r in points.items():
         if r.get("status") == "ok" and r.get("peak_gib") is not None:
-            by_series[tuple(key)].append((length, r["peak_gib"]))
+            by_series[tuple(key)].append((length, r["peak_gib"], json.dumps(r.get("memory_in_use"), sort_keys=True)))
     out = {}
     for key, rows in by_series.items():
         if len(rows) >= 2:
-            (l1, p1), (l2, p2) = sorted(rows)[-2:]
-            out[key] = {f"{l1}-{l2}": round((p2 - p1) * 2**20 / ((l2 - l1) / (key[2] or 1)), 1)}
+            (l1, p1, c1), (l2, p2, c2) = sorted(rows)[-2:]
+            if c1 == c2:
+                out[key] = {f"{l1}-{l2}": round((p2 - p1) * 2**20 / ((l2 - l1) / (key[2] or 1)), 1)}
     return out
 
 

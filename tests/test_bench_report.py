@@ -51,3 +51,13 @@ def test_ideal_step_joins_ok_records_of_its_length_only():
     assert abs(ok["pct_of_ideal"] - 100 * 10.0 / 32.768) < 1e-9 and ok["attention_tflops"] == 500.0
     assert "ideal_step_s" not in with_ideal(_run("alst", 65536, status="oom"), calibration)
     assert "ideal_step_s" not in with_ideal(_run("alst", 131072), calibration)
+
+
+def test_no_memory_per_token_between_two_memory_configurations():
+    """`--memory auto` runs one configuration per length: their peaks' difference is no per-token cost."""
+    auto = [_run("longseq", 65536, peak=124.0, memory_in_use={"offload_checkpoints": False}),
+            _run("longseq", 131072, peak=75.0, memory_in_use={"offload_checkpoints": True})]
+    assert "llama-8b/sp2/layers=full/longseq" not in summary(auto)["marginal_kib_per_token"]
+    same = [dict(r, memory_in_use={"offload_checkpoints": True}) for r in auto]
+    assert summary(same)["marginal_kib_per_token"]["llama-8b/sp2/layers=full/longseq"] == {
+        "65536-131072": round((75.0 - 124.0) * 2**20 / 32768, 1)}
