@@ -97,3 +97,15 @@ class LiveTensors(TorchDispatchMode):
             groups[site] += nbytes
             shapes[site].append(shape)
         return dict(groups), dict(shapes)
+
+
+class BackwardAllocations(TorchDispatchMode):
+    """Bytes of the tensors that operators return while an autograd node runs (the backward's memory traffic)."""
+
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_autograd_node() is not None:
+            self.bytes += sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out

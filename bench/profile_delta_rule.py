@@ -16,25 +16,11 @@ import json
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from bench.common import machine, peak_gib, reset_peak, synchronize, write_record
-from bench.live_tensors import LiveTensors
+from bench.live_tensors import BackwardAllocations, LiveTensors
 from bench.peers_driver import code_version
 from longseq.parallel.delta_rule import Segment, chunk_layout, gated_delta_rule
-
-
-class BackwardAllocations(TorchDispatchMode):
-    """Bytes of the tensors that operators return while an autograd node runs (the backward's memory traffic)."""
-
-    bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if torch._C._current_autograd_node() is not None:
-            self.bytes += sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        return out
 
 
 def inputs(length: int, args, device, dtype):

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from bench.live_tensors import BackwardAllocations
 from longseq.parallel.causal_conv import causal_conv, conv_plan
 from longseq.parallel.delta_rule import (
     Segment, block_outputs, block_run_maps, chunk_layout, chunk_maps, chunk_outputs, chunked, from_chunks,
@@ -165,21 +164,9 @@ def _saved_and_backward_bytes(length, dk=64):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = gated_delta_rule(*tensors, layout)
-    with _BackwardAllocations() as allocated:
+    with BackwardAllocations() as allocated:
         out.square().sum().backward()
     return sum(saved.values()), allocated.bytes
-
-
-class _BackwardAllocations(TorchDispatchMode):
-    """Bytes of the tensors that operators return while an autograd node runs."""
-
-    bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if torch._C._current_autograd_node() is not None:
-            self.bytes += sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        return out
 
 
 def test_memory_per_token_bounded():
