@@ -85,9 +85,10 @@ def test_apply_refuses_flash_attention_it_cannot_run():
 
 def test_sp_against_world_size_under_torchrun_is_said_once(tmp_path):
     """Under torchrun the ranks exit 2 and only rank 0 prints, instead of a traceback per rank (torchrun's agent adds
-    its own report, and may stop the second rank with SIGTERM before it exits by itself)."""
-    result = torchrun("-m", "longseq.cli", "train", str(write_config(tmp_path, "world")), "--parallel.sp=3",
-                      timeout=120)
+    its own report, and may stop the second rank with SIGTERM before it exits by itself). Rank 0 starts late, so rank
+    1 meets the error first: the line must still be printed (torchrun stops the others when one exits)."""
+    result = torchrun("-m", "tests.rank0_late", "longseq.cli", "train", str(write_config(tmp_path, "world")),
+                      "--parallel.sp=3", timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("longseq train: error: parallel.sp=3 needs 3 processes, but the run has 2") == 1
     assert "exitcode  : 2" in result.stderr.split("Root Cause")[1]

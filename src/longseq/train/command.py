@@ -91,6 +91,38 @@ def _error(error: Exception, prefix: str = "longseq train: error", every_rank: b
     if rank == "0" or every_rank:
         where = f"[rank {rank}] " if rank != "0" else ""
         print(f"{where}{prefix}: {error}", file=sys.stderr, flush=True)
+    if not every_rank:
+        _exit_after_rank0(rank)
+
+
+def _exit_after_rank0(rank: str) -> None:
+    """Under torchrun, a rank that exits before rank 0 has printed can take rank 0's line with it.
+
+    Note [One line from rank 0 under torchrun]: torchrun's agent stops every worker as soon as one fails, with no
+    grace, so when rank 1 reaches the shared error first and exits, rank 0 may be stopped before its print (CI saw
+    the message missing). Rank 0 marks its line as said in the agent's store (the TCPStore at MASTER_PORT that
+    torchrun keeps for its workers, TORCHELASTIC_USE_AGENT_STORE); the other ranks wait for that mark, at most
+    SAID_WAIT_S, before they exit. `--nproc` runs need none of this: their launcher gives a shared exit a grace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    key = f"longseq/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=SAID_WAIT_S))
+        if rank == "0":
+            store.set(key, "said")
+        else:
+            store.wait([key])
+    except (RuntimeError, OSError, KeyError, ValueError):  # no store, or rank 0 died first: nothing left to wait for
+        pass
+
+
+SAID_WAIT_S = 30
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
