@@ -13,8 +13,9 @@ import longseq
 from longseq.plan.live_bytes import LiveBytes
 from longseq.memory import MemoryConfig
 from longseq.parallel import varlen
-from longseq.parallel.head_groups import HeadGroups, allowed_sizes
+from longseq.parallel.head_groups import HeadGroups
 from longseq.parallel.kernels import block_backward, block_forward
+from longseq.parallel.sizes import allowed_sizes
 from tests.models import batch, tiny_model
 from tests.test_ulysses import compare
 

@@ -28,8 +28,10 @@ def test_parallel_depends_on_nothing_built_on_it():
 def test_ring_attention_depends_only_on_its_kernels_placement_and_merge():
     allowed = {"longseq.parallel.kernels", "longseq.parallel.varlen", "longseq.parallel.merge",
                "longseq.parallel.local", "longseq.parallel.window", "longseq.parallel.sinks",
-               "longseq.parallel.balance", "longseq.parallel.head_groups", "longseq.parallel.ring_plan"}
+               "longseq.parallel.balance", "longseq.parallel.head_groups", "longseq.parallel.ring_plan",
+               "longseq.parallel.sizes"}
     for name in ("ring.py", "ring_plan.py", "kernels.py", "varlen.py", "merge.py", "window.py", "sinks.py",
-                 "balance.py", "head_groups.py"):
+                 "balance.py", "head_groups.py", "sizes.py"):
         imports = _longseq_imports(SRC / "parallel" / name)
         assert imports <= allowed, name
+

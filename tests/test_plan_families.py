@@ -121,7 +121,7 @@ def test_gated_deltanet_mixer_is_measured_per_token_and_head():
 def test_gated_deltanet_block_is_fixed_beyond_a_block():
     """One block of the rule's chunks (Note [Chunked gated delta rule], Blocks) is held at the mixer's peaks: in
     proportion to a row's tokens up to BLOCK_CHUNKS chunks, the same beyond."""
-    from longseq.parallel.delta_rule import BLOCK_CHUNKS, CHUNK_TOKENS
+    from longseq.parallel.sizes import BLOCK_CHUNKS, CHUNK_TOKENS
 
     shape = shape_from_config(transformers.Qwen3NextConfig())
     linear = next(k for k in shape.kinds if k.mixer == "linear")

@@ -118,7 +118,7 @@ def test_band_in_small_chunks(monkeypatch):
     k, v = k[:, :2], v[:, :2]
     whole = band_forward(q, k, v, offset=3, window=6, scale=0.4)
     grads = band_backward(dout, q, k, v, *whole, offset=3, window=6, scale=0.4)
-    monkeypatch.setattr("longseq.parallel.window.BAND_SCORES", 2 * 4 * 12 * 3)
+    monkeypatch.setattr("longseq.parallel.sizes.BAND_SCORES", 2 * 4 * 12 * 3)
     chunked = band_forward(q, k, v, offset=3, window=6, scale=0.4)
     for got, want in zip(chunked + band_backward(dout, q, k, v, *whole, offset=3, window=6, scale=0.4),
                          whole + grads):

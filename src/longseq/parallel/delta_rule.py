@@ -59,12 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_TOKENS = 64
-"""Tokens per chunk (transformers' reference and flash-linear-attention use 64 as well)."""
-
-BLOCK_CHUNKS = 32
-"""Chunks per block (Note [Chunked gated delta rule], Blocks): one block's maps and their graph, ~13 KiB per token and
-value head, are ~0.8 GiB for a row of Qwen3-Next's 32 value heads."""
+from longseq.parallel.sizes import BLOCK_CHUNKS, CHUNK_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIB = 1 << 20
+from longseq.parallel.sizes import group_size, heads_within
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,6 @@ class HeadCall:
         return tuple(t[:, self.kv].repeat_interleave(copies, dim=1) for t in (k, v))
 
 
-def allowed_sizes(heads: int, kv_heads: int) -> list[int]:
-    """Query heads a call may take: divisors of g = heads / kv_heads, and g · m for m dividing kv_heads."""
-    group = heads // kv_heads
-    return sorted({h for h in range(1, group + 1) if group % h == 0}
-                  | {group * m for m in range(1, kv_heads + 1) if kv_heads % m == 0})
-
-
 @dataclass(frozen=True)
 class HeadGroups:
     """How many query heads one call of the block kernels takes (Note [Attention head groups])."""
@@ -62,15 +55,13 @@ class HeadGroups:
 
     def size(self, q: torch.Tensor, k: torch.Tensor) -> int:
         """Query heads per call for q (B, Hq, Lq, D) and k (B, Hkv, Lk, D)."""
-        heads = q.shape[1]
+        heads, kv_heads = q.shape[1], k.shape[1]
         if self.heads is not None:
-            want = self.heads
-        elif self.memory_mib is not None:
-            per_head = q.shape[0] * max(q.shape[2], k.shape[2]) * q.shape[3] * (5 * q.element_size() + 4)
-            want = self.memory_mib * MIB // max(1, per_head)
-        else:
-            return heads
-        return max(h for h in allowed_sizes(heads, k.shape[1]) if h <= max(1, want))
+            return group_size(heads, kv_heads, self.heads)
+        if self.memory_mib is not None:
+            return heads_within(self.memory_mib, q.shape[0], heads, kv_heads, max(q.shape[2], k.shape[2]), q.shape[3],
+                                q.element_size())
+        return heads
 
     def calls(self, q: torch.Tensor, k: torch.Tensor) -> list[HeadCall]:
         heads, kv_heads = q.shape[1], k.shape[1]

@@ -37,9 +37,7 @@ import torch
 
 from longseq.parallel.local import expand_kv
 from longseq.parallel.merge import accumulation_dtype
-
-BAND_SCORES = 1 << 24
-"""Scores per chunk of a band (64 MiB in fp32); a few tensors of this size live at once."""
+from longseq.parallel.sizes import band_rows
 
 
 def window_cut(q0: int, nq: int, k0: int, nk: int, causal: bool, window: int):
@@ -61,11 +59,10 @@ def window_cut(q0: int, nq: int, k0: int, nk: int, causal: bool, window: int):
 
 
 def _row_chunks(q: torch.Tensor, nk: int, offset: int, window: int):
-    """(i0, i1, j0, j1): chunks of query rows and the keys they can reach (Note [Sliding windows on blocks]). A
-    chunk of r rows reaches r + w − 1 keys, so r stays at most w: its scores stay within BAND_SCORES and grow
-    with the window, not with the sequence."""
+    """(i0, i1, j0, j1): chunks of query rows (sizes.band_rows) and the keys they can reach (Note [Sliding windows
+    on blocks])."""
     batch, heads, nq, _ = q.shape
-    rows = max(1, min(nq, window, BAND_SCORES // (batch * heads * 2 * min(window, max(nk, 1)))))
+    rows = band_rows(batch, heads, nq, nk, window)
     for i0 in range(0, nq, rows):
         i1 = min(i0 + rows, nq)
         j0, j1 = max(0, offset + i0 - window + 1), min(nk, offset + i1)
