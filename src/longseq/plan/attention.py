@@ -4,7 +4,7 @@ cache, Ulysses, ring), and the model's own SDPA (one GPU without the cache). Par
 
 from __future__ import annotations
 
-from longseq.parallel.window import BAND_SCORES
+from longseq.parallel.sizes import band_rows, heads_within
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
 from longseq.plan.problem import Problem
@@ -15,17 +15,11 @@ _G = "attention backward"
 
 def head_share(problem: Problem, choice: Choice, length: int) -> float:
     """The share of a rank's query heads that one kernel call over `length` positions takes, by the code's own rule
-    (Note [Attention head groups], parallel/head_groups.py) applied to shape-only tensors."""
-    import torch
-
-    from longseq.parallel.head_groups import HeadGroups
-
+    (Note [Attention head groups], parallel/sizes.heads_within)."""
     shape, ulysses = problem.shape, problem.layout.ulysses
     heads, kv_heads = shape.heads // ulysses, max(shape.kv_heads, ulysses) // ulysses
-    dtype = torch.bfloat16 if problem.dtype_bytes == 2 else torch.float32
-    q = torch.empty(problem.workload.batch, heads, length, shape.head_dim, dtype=dtype, device="meta")
-    k = torch.empty(problem.workload.batch, kv_heads, length, shape.head_dim, dtype=dtype, device="meta")
-    return HeadGroups(memory_mib=choice.attention_memory_mib).size(q, k) / heads
+    return heads_within(choice.attention_memory_mib, problem.workload.batch, heads, kv_heads, length, shape.head_dim,
+                        problem.dtype_bytes) / heads
 
 
 def kernel_call(w, heads: float, q_share: float, k_share: float) -> list[Term]:
@@ -97,7 +91,7 @@ def _band_terms(problem: Problem, w) -> list[Term]:
     (rows × keys) fp32 tensors per head); after the last chunk the gradients cast to the compute dtype instead."""
     shape, batch = problem.shape, problem.workload.batch
     heads, window, length = shape.heads // w.ulysses, shape.sliding_window, problem.workload.document
-    rows = max(1, min(length, window, BAND_SCORES // (batch * heads * 2 * min(window, length))))
+    rows = band_rows(batch, heads, length, length, window)
     chunk = 3 * batch * heads * rows * min(length, rows + window - 1) * 4
     cast = (w.q + 2 * w.kv) if w.fp32 > 1 else 0.0
     terms = [Term("band dq, dk, dv (fp32) and delta", _G, w.fp32 * (w.q + 2 * w.kv) + w.lse)]

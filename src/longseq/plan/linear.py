@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 
-from longseq.parallel.delta_rule import BLOCK_CHUNKS, CHUNK_TOKENS
+from longseq.parallel.sizes import BLOCK_CHUNKS, CHUNK_TOKENS
 from longseq.plan.terms import Term
 
 
