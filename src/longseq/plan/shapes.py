@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from longseq.plan.errors import PlanError
@@ -84,7 +86,7 @@ class ModelShape:
         ffn = self.experts.params(h) if kind.ffn == "experts" else 3 * h * self.intermediate
         return mixer + ffn + 2 * h
 
-    @property
+    @cached_property
     def layer_params(self) -> int:
         """Parameters of the largest decoder layer (what FSDP2 gathers at once): q, k, v, o projections (or a Gated
         DeltaNet), the MLP's three (or every expert and the router), two norms (and q/k norms)."""
@@ -92,14 +94,20 @@ class ModelShape:
 
     def params_of_layers(self, first: int, stop: int) -> int:
         """Parameters of decoder layers first .. stop − 1."""
-        return sum(self.kind_params(kind) for kind in self.kinds[first:stop])
+        return self._params_before[stop] - self._params_before[first]
+
+    @cached_property
+    def _params_before(self) -> tuple[int, ...]:
+        """Parameters of the decoder layers before layer i, for i = 0 .. layers (the planner asks for these sums for
+        every layer of every candidate)."""
+        return tuple(itertools.accumulate((self.kind_params(kind) for kind in self.kinds), initial=0))
 
     @property
     def root_params(self) -> int:
         """Parameters outside the decoder layers: embedding, lm_head (unless tied) and the final norm."""
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + self.hidden
 
-    @property
+    @cached_property
     def params(self) -> int:
         return self.params_of_layers(0, self.layers) + self.root_params
 
