@@ -82,8 +82,9 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     moments = {kind: layer_moments(problem, choice, w, kind) for kind in set(kinds)}
     sizes = {kind: {name: _total(terms, tokens) for name, terms in by_name.items()}
              for kind, by_name in moments.items()}
-    totals: dict[int, float] = {}
-    kept = [totals.setdefault(id(k), _total(k, tokens)) for k in layout.kept]
+    distinct = {id(k): k for k in layout.kept}  # placement_terms gives layers placed alike one list
+    totals = {key: _total(k, tokens) for key, k in distinct.items()}
+    kept = [totals[id(k)] for k in layout.kept]
     loss, layers = memory.loss_terms(problem, choice, w), problem.shape.layers
     made = {done: gradients_made(problem, choice, done) for done in (*range(layers), None)}
     best, best_size = ("optimizer step", None), _total(made[None], tokens)
@@ -92,17 +93,17 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     below = 0.0
     for i in range(layers):
         grads = _total(made[layers - 1 - i], tokens)  # the layers above are done
+        pre = _total(placement.prefetched(layout, i, choice, w), tokens) if choice.checkpointing else 0.0
         for name, size in sizes[kinds[i]].items():
-            pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
-            if below + grads + size + _total(pre, tokens) > best_size:
-                best, best_size = (name, i), below + grads + size + _total(pre, tokens)
+            if below + grads + size + pre > best_size:
+                best, best_size = (name, i), below + grads + size + pre
         below += kept[i]
     name, i = best
     if name == "optimizer step":
         return Peak(name, fixed + made[None], tokens)
     if name == "loss":
         return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
-    pre = placement.prefetched(layout, i, name, choice, w) if choice.checkpointing else []
+    pre = placement.prefetched(layout, i, choice, w) if choice.checkpointing else []
     below_terms = [t for k in layout.kept[:i] for t in k]
     return Peak(f"{name} of layer {i}", fixed + made[layers - 1 - i] + below_terms + pre + moments[kinds[i]][name],
                 tokens)

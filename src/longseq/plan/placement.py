@@ -65,13 +65,14 @@ def placement_terms(problem: Problem, choice: Choice, w: Widths) -> Placement:
     return result
 
 
-def prefetched(layout: Placement, i: int, moment: str, choice: Choice, w: Widths) -> list[Term]:
-    """Copies already brought back for the layers below when layer i's `moment` ('MLP backward', 'attention
-    backward', 'after the attention backward') runs (Note [Checkpoint offload]). With prefetch_after_attention and
-    the cache, the previous checkpoint starts coming back once the attention backward of the checkpoint's first
-    layer is done, if that layer's attention ran through the cache (kept or not), and was not seen alive beside the
-    rotary backward's peak (plan/live_bytes.py): none at these moments. Otherwise (a Gated DeltaNet layer, a window
-    run as SDPA chunks) it comes back when i's checkpoint is unpacked, with layer i−1's kept output beside it."""
+def prefetched(layout: Placement, i: int, choice: Choice, w: Widths) -> list[Term]:
+    """Copies already brought back for the layers below while layer i's backward runs, the same at each of its
+    moments ('MLP backward', 'attention backward', 'after the attention backward'; Note [Checkpoint offload]). With
+    prefetch_after_attention and the cache, the previous checkpoint starts coming back once the attention backward
+    of the checkpoint's first layer is done, if that layer's attention ran through the cache (kept or not), and was
+    not seen alive beside the rotary backward's peak (plan/live_bytes.py): none at these moments. Otherwise (a Gated
+    DeltaNet layer, a window run as SDPA chunks) it comes back when i's checkpoint is unpacked, with layer i−1's
+    kept output beside it."""
     g, k = "prefetched for the next layer", choice.layers_per_checkpoint
     previous = (i // k - 1) * k  # the first layer of the checkpoint before layer i's
     checkpoint = [Term("next checkpoint", g, w.hidden)] if previous >= 0 and layout.offloaded[previous] else []
