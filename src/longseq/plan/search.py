@@ -7,9 +7,10 @@ attention call's memory target, FSDP2's CPU offload, checkpointing, the attentio
 For a base, a count of layers keeping their checkpoint on the GPU is tried at a time (every count for shallow
 models, sixteen steps otherwise), and kept attention outputs are placed greedily: on the host for the first layers
 as far as the host has room, then on the GPU for the last layers as far as it has room. Every candidate is evaluated
-by the memory model (footprint.py) and the time model (timing.py); the fastest that fits GPU and host wins. Bases
-are visited by a bound on their time (every checkpoint and output on the GPU: nothing recomputed, nothing copied,
-which no placement beats), and the visit stops at the first bound no faster than the best found.
+(once per search: Evaluations) by the memory model (footprint.py) and the time model (timing.py); the fastest that
+fits GPU and host wins. Bases are visited by a bound on their time (every checkpoint and output on the GPU: nothing
+recomputed, nothing copied, which no placement beats), and the visit stops at the first bound no faster than the
+best found.
 
 Memory grows with length for every candidate, so "some candidate fits" is monotone in length and in the budgets,
 and the longest length is found by doubling and bisection over the least-memory candidates: all features tiled and
@@ -76,6 +77,20 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
                       host_over=host_per_host - problem.machine.host_limit)
 
 
+class Evaluations:
+    """evaluate() for one problem, each choice once: the search reaches many choices by several paths (a scanned
+    count of GPU-kept checkpoints that is also a least-memory placement, the ends of the bisections)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self._done: dict[Choice, Evaluation] = {}
+
+    def __call__(self, choice: Choice) -> Evaluation:
+        if choice not in self._done:
+            self._done[choice] = evaluate(self.problem, choice)
+        return self._done[choice]
+
+
 def _bases(problem: Problem, least_memory: bool):
     """Choices before placement (Note [Plan search])."""
     fixed = problem.workload.fsdp_cpu_offload
@@ -109,23 +124,23 @@ def _gpu_counts(layers: int) -> list[int]:
     return list(range(layers + 1)) if layers <= 16 else sorted({round(layers * i / 16) for i in range(17)})
 
 
-def _with_kept_outputs(problem: Problem, choice: Choice) -> Evaluation:
+def _with_kept_outputs(evaluations: Evaluations, choice: Choice) -> Evaluation:
     """`choice` with as many attention outputs kept as host, then GPU, room allows (Note [Plan search])."""
-    layers = problem.shape.layers
-    plain = evaluate(problem, replace(choice, attention_gpu_layers=0, attention_host_layers=0))
+    layers = evaluations.problem.shape.layers
+    plain = evaluations(replace(choice, attention_gpu_layers=0, attention_host_layers=0))
     if not choice.cache_attention or not plain.fits:
         return plain
-    best = _largest_fitting(problem, plain.choice, "attention_host_layers", 0, layers)
-    return _largest_fitting(problem, best.choice, "attention_gpu_layers", 0, layers)
+    best = _largest_fitting(evaluations, plain, "attention_host_layers", layers)
+    return _largest_fitting(evaluations, best, "attention_gpu_layers", layers)
 
 
-def _largest_fitting(problem: Problem, choice: Choice, field: str, low: int, high: int) -> Evaluation:
-    """The largest value in [low, high] of a count field that fits (memory grows with it), by bisection; `choice`
-    must fit at low."""
-    best = evaluate(problem, replace(choice, **{field: low}))
+def _largest_fitting(evaluations: Evaluations, fitting: Evaluation, field: str, high: int) -> Evaluation:
+    """The largest value up to `high` of a count field that fits (memory grows with it), by bisection from the
+    fitting evaluation's value."""
+    best, low = fitting, getattr(fitting.choice, field)
     while low < high:
         middle = (low + high + 1) // 2
-        candidate = evaluate(problem, replace(choice, **{field: middle}))
+        candidate = evaluations(replace(fitting.choice, **{field: middle}))
         if candidate.fits:
             low, best = middle, candidate
         else:
@@ -133,11 +148,11 @@ def _largest_fitting(problem: Problem, choice: Choice, field: str, low: int, hig
     return best
 
 
-def _host_fitting(problem: Problem, choice: Choice) -> list[Evaluation]:
+def _host_fitting(evaluations: Evaluations, choice: Choice) -> list[Evaluation]:
     """Least-memory placements of `choice`: all checkpoints offloaded (least GPU), all on the GPU (least host), and
     the fewest on the GPU that the host allows (host bytes fall and GPU bytes grow with that count)."""
-    layers = problem.shape.layers
-    at = (lambda n: evaluate(problem, replace(choice, checkpoint_gpu_layers=n, attention_gpu_layers=0)))
+    layers = evaluations.problem.shape.layers
+    at = (lambda n: evaluations(replace(choice, checkpoint_gpu_layers=n, attention_gpu_layers=0)))
     ends = [at(0), at(layers)]
     if ends[0].host_over <= 0 or ends[1].host_over > 0:
         return ends
@@ -149,34 +164,35 @@ def _host_fitting(problem: Problem, choice: Choice) -> list[Evaluation]:
 
 
 def least_memory_candidates(problem: Problem):
+    evaluations = Evaluations(problem)
     for base in _bases(problem, least_memory=True):
-        yield from _host_fitting(problem, base)
+        yield from _host_fitting(evaluations, base)
 
 
 def fastest(problem: Problem, max_step_s: float | None = None) -> Evaluation | None:
     """The fastest fitting candidate (within max_step_s), or None (Note [Plan search])."""
-    best = None
+    best, evaluations = None, Evaluations(problem)
     for bound, base in sorted(((_time_bound(problem, b), b) for b in _bases(problem, least_memory=False)),
                               key=lambda pair: pair[0]):
         if best is not None and bound >= best.time.seconds:
             break
-        for e in _placements(problem, base):
+        for e in _placements(evaluations, base):
             if e.fits and (max_step_s is None or e.time.seconds <= max_step_s):
                 if best is None or e.time.seconds < best.time.seconds:
                     best = e
     return best
 
 
-def _placements(problem: Problem, base: Choice):
+def _placements(evaluations: Evaluations, base: Choice):
     """The evaluated placements of a base: the scanned counts of GPU-kept checkpoints with outputs kept greedily,
     and the least-memory ones (so that whatever fits_somehow finds, the search finds too)."""
     if not base.checkpointing:
-        yield evaluate(problem, base)
+        yield evaluations(base)
         return
-    for on_gpu in _gpu_counts(problem.shape.layers):
-        yield _with_kept_outputs(problem, replace(base, checkpoint_gpu_layers=on_gpu))
-    for least in _host_fitting(problem, base):
-        yield _with_kept_outputs(problem, least.choice)
+    for on_gpu in _gpu_counts(evaluations.problem.shape.layers):
+        yield _with_kept_outputs(evaluations, replace(base, checkpoint_gpu_layers=on_gpu))
+    for least in _host_fitting(evaluations, base):
+        yield _with_kept_outputs(evaluations, least.choice)
 
 
 def fits_somehow(problem: Problem) -> bool:
