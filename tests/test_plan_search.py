@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import longseq
+from longseq.plan import search
 from longseq.plan.choice import Choice
 from longseq.plan.errors import PlanError
 from longseq.plan.planner import machine_for, plan, plan_for, plan_longest
@@ -60,6 +61,20 @@ def test_step_time_budget():
     assert bounded.limit == "step time" and bounded.longest < unbounded.longest
     assert bounded.chosen.time.seconds <= budget
     assert not plan(problem(unbounded.longest, gpu=140), max_step_s=budget).fits
+
+
+def test_the_bounds_cut_nothing_faster():
+    """The search stops at the first base whose time bound is no faster than the best found or over the step-time
+    budget (Note [Plan search]); every placement of every base, evaluated, finds nothing faster within each budget."""
+    p = problem(gpu=40)
+    evaluations = search.Evaluations(p)
+    every = [e for base in search._bases(p, least_memory=False) for e in search._placements(evaluations, base)
+             if e.fits]
+    fastest_time = min(e.time.seconds for e in every)
+    for budget in (None, fastest_time * 0.99, fastest_time, fastest_time * 1.2, fastest_time * 3):
+        within = [e.time.seconds for e in every if budget is None or e.time.seconds <= budget]
+        found = search.fastest(p, budget)
+        assert (found.time.seconds if found else None) == (min(within) if within else None), budget
 
 
 def test_impossible_budgets_say_what_is_short_and_by_how_much():

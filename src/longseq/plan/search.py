@@ -10,7 +10,7 @@ as far as the host has room, then on the GPU for the last layers as far as it ha
 (once per search: Evaluations) by the memory model (footprint.py) and the time model (timing.py); the fastest that
 fits GPU and host wins. Bases are visited by a bound on their time (every checkpoint and output on the GPU: nothing
 recomputed, nothing copied, which no placement beats), and the visit stops at the first bound no faster than the
-best found.
+best found, or over the step-time budget if one is given.
 
 Memory grows with length for every candidate, so "some candidate fits" is monotone in length and in the budgets,
 and the longest length is found by doubling and bisection over the least-memory candidates: all features tiled and
@@ -174,8 +174,8 @@ def fastest(problem: Problem, max_step_s: float | None = None) -> Evaluation | N
     best, evaluations = None, Evaluations(problem)
     for bound, base in sorted(((_time_bound(problem, b), b) for b in _bases(problem, least_memory=False)),
                               key=lambda pair: pair[0]):
-        if best is not None and bound >= best.time.seconds:
-            break
+        if (best is not None and bound >= best.time.seconds) or (max_step_s is not None and bound > max_step_s):
+            break  # no placement of this base or a later one is faster than its bound
         for e in _placements(evaluations, base):
             if e.fits and (max_step_s is None or e.time.seconds <= max_step_s):
                 if best is None or e.time.seconds < best.time.seconds:
