@@ -41,7 +41,7 @@ dout, q and out, all heads in one call, norm outputs kept, the previous checkpoi
 terms gave 148.8 and 104.6 against the 149 and 105 measured (GPU.md; commit b0d5f37). What changes under Ulysses,
 ring (fp32 accumulators for dq and the dk/dv travelling with K/V), packed documents (calls per document), untiled
 MLP (four I-wide intermediates kept, two more at its backward's peak), untiled norms (fp32 copies of their inputs)
-and the loss (tile × V fp32 logits, or all of them untiled) is in the functions below and attention.py; each term
+and the loss (Note [The loss in the plan], loss.py) is in the functions below and those files; each term
 names the tensor it counts.
 
 Host per rank = the process itself + FSDP2's CPU-offloaded parameters, gradients and AdamW state (16 bytes per
@@ -66,7 +66,6 @@ from longseq.plan.problem import Problem
 from longseq.plan.terms import Term
 
 _MIB = 2**20
-_VOCAB_CHUNK = 8192  # memory/tiled_loss: fp32 weight-gradient products per vocabulary chunk
 _ROTARY_CHUNK = 64 << 20  # memory/rotary._CHUNK_BYTES: one chunk's half-product in the rotary backward
 
 
@@ -251,29 +250,6 @@ def mlp_backward(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = 
         mlp = 3 * shape.hidden * shape.intermediate
         terms.append(Term("MLP weight gradients over tiles (fp32 sums, one tile's)", g,
                           fixed=mlp * (4 + problem.dtype_bytes)))
-    return terms
-
-
-def loss_tile_tokens(problem: Problem, choice: Choice) -> int:
-    """memory/tiled_loss.loss_tile_tokens: the tokens whose fp32 logits and their gradient fit tile_memory_mib."""
-    return max(1, choice.tile_memory_mib * _MIB // (problem.shape.vocab * 8))
-
-
-def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
-    """The loss's forward and backward: final norm, final hidden states, logits (a tile of them, or all)."""
-    g, shape = "loss", problem.shape
-    terms = [Term("final norm input", g, w.hidden), Term("final hidden states", g, w.hidden),
-             Term("hidden-state gradient", g, w.hidden)]
-    if not choice.tiled_norms:
-        terms[0] = Term("final RMSNorm: fp32 input copy and normed output", g, shape.hidden * (4 + problem.dtype_bytes))
-    if not choice.tiled_loss:
-        # log_softmax's output, nll_loss's gradient and log_softmax's: three fp32 rows of V per token
-        return terms + [Term("log-softmax output and two gradients (fp32)", g, w.vocab * 3 * 4)]
-    tile = loss_tile_tokens(problem, choice)
-    terms.append(Term("logits tile (fp32) and its gradient", g, fixed=min(tile, problem.tokens) * w.vocab * 8))
-    if problem.workload.training != "lora":
-        terms += [Term("lm_head gradient accumulator (fp32)", g, fixed=shape.vocab * shape.hidden * 4),
-                  Term("lm_head gradient chunk product (fp32)", g, fixed=_VOCAB_CHUNK * shape.hidden * 4)]
     return terms
 
 

@@ -44,7 +44,8 @@ from longseq.plan import experts, linear
 from longseq.plan.attention import keeps_output
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
-from longseq.plan.memory import effective, ffn_tiled, loss_tile_tokens
+from longseq.plan.loss import loss_tile_tokens
+from longseq.plan.memory import effective, ffn_tiled
 from longseq.plan.problem import Problem
 
 _G = 2**30
