@@ -2,9 +2,9 @@
 
 Moments (Note [Where every byte goes] in memory.py): the loss and the final norm's backward, when every layer's
 GPU-kept tensors are alive and no layer's gradient exists yet (Note [The loss in the plan], loss.py); and in each
-layer's backward its MLP backward, its attention backward and what follows it (the rotary and input projections'
-backward), each with the tensors the layers below keep, the layer's own saved tensors and what was prefetched for
-the layer below by then; and the optimizer step. Under
+layer's backward its MLP backward (and, checkpointed, its MLP's forward in the recompute), its attention backward and
+what follows it (the rotary and input projections' backward), each with the tensors the layers below keep, the
+layer's own saved tensors and what was prefetched for the layer below by then; and the optimizer step. Under
 'full' training the fp32 gradient shards count from their layer's backward on (state.gradients_made). The GPU peak
 is the largest; the host holds everything offloaded at the end of the forward, in the pages of the offloader's
 arena (Note [Host arena]).
@@ -62,6 +62,8 @@ def layer_moments(problem: Problem, choice: Choice, w: memory.Widths,
         through = through + placement.segment_inputs(choice, w)
     gradient = [Term("residual-stream gradient", "layer backward", w.hidden)]
     moments = {"MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w, kind)}
+    if choice.checkpointing and kind.ffn == "dense" and memory.ffn_tiled(problem, choice, kind):
+        moments["MLP forward in the recompute"] = gradient + through + before + memory.mlp_recompute(problem, choice, w)
     if kind.mixer == "linear":
         moments["linear attention backward"] = gradient + through + linear.backward(problem)
         if choice.checkpointing:

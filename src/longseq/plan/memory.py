@@ -241,16 +241,50 @@ def mlp_backward(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = 
     # reached the MLP's input yet (seen with plan/live_bytes.py).
     if not ffn_tiled(problem, choice, kind):
         return [Term("MLP backward: three gradients, less the freed product", g, 2 * w.inter)]
-    terms = [Term("MLP input gradient", g, w.hidden)]
-    # One tile's recompute and gradients: gate, up, act, product and their gradients (eight I-wide at most, seen
-    # with plan/live_bytes.py) and the gradients of gate's and up's inputs.
-    positions = mlp_tile_positions(problem, choice) * problem.workload.batch
-    terms.append(Term("MLP tile (its recompute and gradients)", g, fixed=positions * (8 * w.inter + 2 * w.hidden)))
-    if trains:
-        mlp = 3 * shape.hidden * shape.intermediate
-        terms.append(Term("MLP weight gradients over tiles (fp32 sums, one tile's)", g,
-                          fixed=mlp * (4 + problem.dtype_bytes)))
+    fused = choice.tiled_norms and choice.fuse_norms  # the tile recomputes the post-attention norm
+    tiles = [_mlp_tile(problem, w, mlp_tile_positions(problem, choice), k, fused, trains) for k in range(3)]
+    return [Term("MLP input gradient", g, w.hidden)] + max(tiles, key=lambda t: sum(x.fixed for x in t))
+
+
+def _mlp_tile(problem: Problem, w: Widths, tile: int, k: int, fused: bool, trains: bool) -> list[Term]:
+    """Tile k's backward (memory/tiled.py, Note [Tiled compute]) at its peak, the backward of act * up: the
+    recompute's gate, up and act, the product's gradient and those of act and up (six I-wide: the product, down's
+    saved input, is freed by then, as without tiles), the recomputed output and, from the second tile on, the
+    previous tile's input gradient (still bound while the next tile runs); fused, the norm's recompute beside them
+    (its fp32 input copy below fp32, its normed output and the weight's product). Weight gradients: down's of this
+    tile; from the second tile the fp32 sums, and the previous tile's, which in fp32 are the sums themselves until
+    the third (the first tile's gradients become the sums: a no-op cast). Seen with plan/live_bytes.py."""
+    g, shape, e = "MLP backward", problem.shape, problem.dtype_bytes
+    positions = problem.tokens // problem.workload.batch
+    rows = min(tile, positions - k * tile) * problem.workload.batch
+    if rows <= 0:
+        return []
+    per_row = 6 * w.inter + (2 if k else 1) * w.hidden + ((4 * (e < 4) + 2 * e) * shape.hidden if fused else 0)
+    terms = [Term("MLP tile: six I-wide recomputes and gradients, the output (and the previous input gradient)", g,
+                  fixed=rows * per_row)]
+    if not trains:
+        return terms
+    weight = shape.hidden * shape.intermediate * e
+    terms.append(Term("MLP tile: down_proj's weight gradient", g, fixed=weight))
+    if k:
+        terms.append(Term("MLP weight gradients summed over tiles (fp32)", g, fixed=3 * weight * max(4, e) / e))
+    if k > 1 or (k == 1 and e < 4):
+        terms.append(Term("MLP weight gradients of the previous tile", g, fixed=3 * weight))
     return terms
+
+
+def mlp_recompute(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
+    """A checkpointed layer's recompute runs its tiled MLP's forward whole (the MLP's saved tensors are packed only
+    when it returns), beside the layer's recomputed saved tensors: the norm's output (the decoder layer's variable
+    while the MLP runs; fused, not among the saved), the MLP's output buffer, and one tile's forward without grad:
+    up, act and their product, the previous tile's output and, fused, the norm's output tile. Seen with
+    plan/live_bytes.py, at the peak of the model's own SDPA path with 1 MiB tiles."""
+    g, fused = "MLP forward in the recompute", choice.tiled_norms and choice.fuse_norms
+    rows = min(mlp_tile_positions(problem, choice), problem.tokens // problem.workload.batch) * problem.workload.batch
+    terms = [Term("MLP output buffer", g, w.hidden),
+             Term("MLP tile forward: up, act, their product, the previous tile's output (and the norm's)", g,
+                  fixed=rows * (3 * w.inter + (2 if fused else 1) * w.hidden))]
+    return ([Term("post-attention norm output", g, w.hidden)] if fused else []) + terms
 
 
 def global_terms(problem: Problem, w: Widths) -> list[Term]:
