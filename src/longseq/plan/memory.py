@@ -184,7 +184,8 @@ def attention_saved(problem: Problem, w: Widths, g: str, kind: LayerKind = DENSE
     terms = [Term("q", g, w.q), *kv, Term("attention output", g, w.q), Term("attention log-sum-exp", g, w.lse)]
     if shape.qk_norm:
         width = (shape.heads + shape.kv_heads) * shape.head_dim
-        terms.append(Term("q/k RMSNorm fp32 copies and outputs", g, width * (4 + e)))
+        rows = 2 if shape.qk_norm_full_width else shape.heads + shape.kv_heads  # one fp32 rsqrt per norm row
+        terms.append(Term("q/k RMSNorm fp32 copies, rsqrt and outputs", g, width * (4 + e) + rows * 4))
     if shape.attention_gate:
         terms.append(Term("attention output gate: the gate, its sigmoid, the gated output", g, 3 * w.q))
     return terms
