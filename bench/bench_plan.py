@@ -112,8 +112,8 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
             build=None) -> dict:
     """Build the model (the shape's Llama or Qwen3, or `build()`'s), apply the plan's MemoryConfig (or `auto`, a
     longseq.AutoMemory, when given), run a warm-up step and `timed_steps` more; peaks of the last (on CPU: live
-    tensors, plan/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights
-    frozen (freeze_base)."""
+    tensors, plan/live_bytes.py). The model computes in the problem's dtype (bf16 for dtype_bytes 2, else fp32).
+    `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights frozen (freeze_base)."""
     import torch
     import transformers
 
@@ -123,7 +123,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
 
     memory = auto or Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
     torch.manual_seed(0)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if problem.dtype_bytes == 2 else torch.float32
     with torch.device(device):
         model = build() if build is not None else transformers.AutoModelForCausalLM.from_config(
             hf_config(problem.shape), dtype=dtype, attn_implementation="sdpa").train()
