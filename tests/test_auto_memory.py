@@ -148,8 +148,8 @@ def test_training_mode_inferred_from_trainable_parameters():
 
 
 # GPUs this small flip the tiny mixture-of-experts and hybrid models' features between 512 tokens and a longer
-# length: Qwen3-MoE at 2048 (0.015-0.021+ GiB flip it); Qwen3-Next at 4096 (0.032-0.054 GiB), as at 2048 its
-# checkpoints save 0.2 MiB against the Gated DeltaNet blocks' fixed bytes, too little to flip between GiB steps.
+# length: Qwen3-MoE at 2048 (0.015 GiB and above, 0.021 the most tried); Qwen3-Next at 4096 (0.032-0.054 GiB), as
+# at 2048 its checkpoints save 0.2 MiB against the Gated DeltaNet blocks' fixed bytes, less than a 0.001 GiB step.
 MIXED = {"qwen3_moe": (0.016, 2048), "qwen3_next": (0.04, 4096)}
 
 
