@@ -28,9 +28,11 @@ cache on the host, norms fused into their readers, attention kernels on 4 of the
                                                                ─────                ─────
                                                                63.6                 52.6
 
-(At 256K the kernel calls take 2 heads each: 60.1 at the attention backward.) Autograd's own rotary backward held
-three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device call 22 measured); longseq's makes the
-gradient alone, a chunk's product beside it (Note [Lean rotary backward], memory/rotary.py).
+(At 256K the kernel calls take 2 heads each: 60.1 at the attention backward, less than the recompute's MLP forward:
+the layer's saved tensors, the norm's output and the MLP's output buffer, 60.6, and one tile; mlp_recompute.)
+Autograd's own rotary backward held three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device
+call 22 measured); longseq's makes the gradient alone, a chunk's product beside it (Note [Lean rotary backward],
+memory/rotary.py).
 
 The tensors marked "still held" were seen alive there in real steps on CPU (plan/live_bytes.py,
 tests/test_plan_measured.py); so were, under Ulysses, the recompute's all-to-all buffers beside q, k, v on both
