@@ -9,7 +9,8 @@
 
 Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
 choice at two lengths, longseq's defaults, the cache off, checkpoints kept on the GPU, untiled MLP and norms, a
-length whose offloaded blocks are not powers of two (in the host arena's chunks), and the plan's longest length
+length whose offloaded blocks are not powers of two (in the host arena's chunks), nothing checkpointed (tiled, and
+untiled; Note [The loss in the plan]), and the plan's longest length
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
@@ -55,6 +56,9 @@ CONFIGS = {
     "gpu-checkpoints-64k": (65536, 2048, {"checkpoint_gpu_layers": 2, "attention_host_layers": _ALL_HOST}),
     "untiled-64k": (65536, 2048, {"tiled_mlp": False, "tiled_norms": False, "attention_host_layers": _ALL_HOST}),
     "arena-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
+    "nockpt-32k": (32768, 2048, {"checkpointing": False}),  # tiled MLP, norms and loss; every activation kept
+    "nockpt-untiled-16k": (16384, 2048, {"checkpointing": False, "tiled_mlp": False, "tiled_norms": False,
+                                         "tiled_loss": False}),
     "longest": (None, None, "longest"),
     "auto": (None, None, "auto"),  # AutoMemory at each of --lengths
 }
