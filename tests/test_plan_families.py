@@ -168,10 +168,11 @@ def test_what_the_plan_cannot_model_is_refused_in_one_line():
 
 def test_reproduces_the_gpu_records_of_call_28():
     """Device call 28 (one H200, main 9710e3b; bench/results/bench_moe.jsonl): 4 layers of the real shapes, bf16
-    weights and gradients resident, longseq's default MemoryConfig. The expert models' peaks within 3%. Their step
-    times within 5%: the card's expert_row_gelements_s is fitted on Qwen3-MoE 64K and band_tflops on GPT-OSS 64K
-    (bench/fit_moe_time.py, which the stored figures reproduce), the other four records held out. (Call 31's
-    Qwen3-Next record is of the delta rule before its blocks, commit 1999f9e: docs/plan.md; a new record is due.)"""
+    weights and gradients resident, longseq's default MemoryConfig. The expert models' peaks within 3%; their step
+    times within the 15% of issue 14 (2.8% seen: docs/plan.md). A card figure fitted to these records
+    (expert_row_gelements_s on Qwen3-MoE 64K, band_tflops on GPT-OSS 64K, until calibrate.py measures them) is the
+    fit bench/fit_moe_time.py makes. (Call 31's Qwen3-Next record is of the delta rule before its blocks, commit
+    1999f9e: docs/plan.md; a new record is due.)"""
     from bench import fit_moe_time
 
     measured = {"qwen3_moe": (20.95, 25.23), "mixtral": (37.19, 40.99), "gpt_oss": (26.37, 29.85)}
@@ -183,10 +184,11 @@ def test_reproduces_the_gpu_records_of_call_28():
     assert len(records) == 6
     refit = fit_moe_time.fit(H200.card, records)
     for field in fit_moe_time.FITS:
-        assert getattr(H200.card, field) == pytest.approx(getattr(refit, field), rel=0.05), field
+        if H200.card.sources[field].startswith("fitted: bench_moe.jsonl device call 28"):
+            assert getattr(H200.card, field) == pytest.approx(getattr(refit, field), rel=1e-3), field
     for r in records:
         plan = fit_moe_time.as_run(r["family"], r["tokens"], H200.card)
-        assert plan == pytest.approx(r["step_s"], rel=0.05), (r["family"], r["tokens"], plan, r["step_s"])
+        assert plan == pytest.approx(r["step_s"], rel=0.15), (r["family"], r["tokens"], plan, r["step_s"])
 
 
 def test_expert_block_time_hand_checked():
