@@ -212,7 +212,7 @@ def test_shapes_from_configs(tmp_path):
 def test_card_round_trip_and_errors(tmp_path):
     assert card_from_json(card_to_json(H200)) == H200
     assert H200.attention_tflops(128)[0] == 596.9 and H200.attention_tflops(96) == H200.attention_tflops(128)
-    assert H200.unmeasured() == ["fused_norms_ns", "p2p_gib_s"]
+    assert H200.unmeasured() == ["expert_gemm_tflops", "fused_norms_ns", "p2p_gib_s"]
     data = card_to_json(H200)
     data["values"]["warp_speed"] = {"value": 1, "source": "x"}
     with pytest.raises(PlanError, match="unknown fields"):

@@ -60,12 +60,16 @@ def window_cut(q0: int, nq: int, k0: int, nk: int, causal: bool, window: int):
     return q_stop, k_start, q0 - (k0 + k_start)
 
 
+def band_rows(batch: int, heads: int, nq: int, nk: int, window: int) -> int:
+    """Query rows per chunk of a band (Note [Sliding windows on blocks]). A chunk of r rows reaches r + w − 1 keys,
+    so r stays at most w: its scores stay within BAND_SCORES and grow with the window, not with the sequence."""
+    return max(1, min(nq, window, BAND_SCORES // (batch * heads * 2 * min(window, max(nk, 1)))))
+
+
 def _row_chunks(q: torch.Tensor, nk: int, offset: int, window: int):
-    """(i0, i1, j0, j1): chunks of query rows and the keys they can reach (Note [Sliding windows on blocks]). A
-    chunk of r rows reaches r + w − 1 keys, so r stays at most w: its scores stay within BAND_SCORES and grow
-    with the window, not with the sequence."""
+    """(i0, i1, j0, j1): chunks of query rows (band_rows) and the keys they can reach."""
     batch, heads, nq, _ = q.shape
-    rows = max(1, min(nq, window, BAND_SCORES // (batch * heads * 2 * min(window, max(nk, 1)))))
+    rows = band_rows(batch, heads, nq, nk, window)
     for i0 in range(0, nq, rows):
         i1 = min(i0 + rows, nq)
         j0, j1 = max(0, offset + i0 - window + 1), min(nk, offset + i1)

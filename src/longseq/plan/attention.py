@@ -4,7 +4,7 @@ cache, Ulysses, ring), and the model's own SDPA (one GPU without the cache). Par
 
 from __future__ import annotations
 
-from longseq.parallel.window import BAND_SCORES
+from longseq.parallel.window import band_rows
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
 from longseq.plan.problem import Problem
@@ -97,7 +97,7 @@ def _band_terms(problem: Problem, w) -> list[Term]:
     (rows × keys) fp32 tensors per head); after the last chunk the gradients cast to the compute dtype instead."""
     shape, batch = problem.shape, problem.workload.batch
     heads, window, length = shape.heads // w.ulysses, shape.sliding_window, problem.workload.document
-    rows = max(1, min(length, window, BAND_SCORES // (batch * heads * 2 * min(window, length))))
+    rows = band_rows(batch, heads, length, length, window)
     chunk = 3 * batch * heads * rows * min(length, rows + window - 1) * 4
     cast = (w.q + 2 * w.kv) if w.fp32 > 1 else 0.0
     terms = [Term("band dq, dk, dv (fp32) and delta", _G, w.fp32 * (w.q + 2 * w.kv) + w.lse)]
