@@ -100,15 +100,28 @@ def _process_memory() -> dict:
     return fields
 
 
-def _host_fields(model) -> dict:
-    """What the offloader held on the host at this step's peak, its arena and budget (GiB)."""
+PER_STEP_COUNTS = ("attention_not_kept", "checkpoints_on_device")
+"""OffloadStats counts since the model was wrapped; a record gives the step's own (the difference across it)."""
+
+
+def _counts(model) -> dict:
     try:
         stats = offload_stats(model)
     except ValueError:  # no checkpoint offload in this variant
         return {}
+    return {name: getattr(stats, name) for name in PER_STEP_COUNTS}
+
+
+def _host_fields(model, counts_before: dict) -> dict:
+    """What the offloader held on the host at this step's peak, its arena and budget (GiB), and what the step itself
+    did not keep (`counts_before`: _counts before the step)."""
+    try:
+        stats = offload_stats(model)
+    except ValueError:
+        return {}
     fields = dict(offloaded_peak_gib=stats.peak_bytes / 2**30, arena_gib=stats.arena_bytes / 2**30,
-                  arena_peak_gib=stats.arena_peak_bytes / 2**30, attention_not_kept=stats.attention_not_kept,
-                  checkpoints_on_device=stats.checkpoints_on_device)
+                  arena_peak_gib=stats.arena_peak_bytes / 2**30)
+    fields.update({name: getattr(stats, name) - counts_before.get(name, 0) for name in PER_STEP_COUNTS})
     if stats.budget_bytes is not None:
         fields["host_budget_gib"] = stats.budget_bytes / 2**30
     stats.peak_bytes = 0
@@ -121,11 +134,12 @@ def measure(model, variant: str, length: int, device: str, timed_steps: int) -> 
     row = dict(length=length)
     try:
         reset_peak()
+        counts_before = _counts(model)
         row["loss"] = float(step())
         row["peak_gib"] = peak_gib()
         if torch.cuda.is_available():
             row["reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        row.update(_host_fields(model), **_process_memory())
+        row.update(_host_fields(model, counts_before), **_process_memory())
         if timed_steps:
             row.update(timed(step, timed_steps).fields("step"))
             row["tokens_per_s"] = length / row["step_s"]

@@ -9,7 +9,8 @@
 
 Each configuration runs in a fresh process (a clean allocator, host arena and peak RSS): the plan's own
 choice at two lengths, longseq's defaults, the cache off, checkpoints kept on the GPU, untiled MLP and norms, a
-length whose offloaded blocks are not powers of two (in the host arena's chunks), and the plan's longest length
+length whose offloaded blocks are not powers of two (in the host arena's chunks), nothing checkpointed (tiled, and
+untiled; Note [The loss in the plan]), and the plan's longest length
 (which must run) and 1.15× it (which the plan must refuse, and which must run out of memory). GPU: the shape's
 random-weight model, bf16 weights and gradients (training='forward-backward'), torch.cuda.max_memory_allocated and
 the process's peak RSS (VmHWM) against the plan's GPU peak and host bytes per rank. CPU: a tiny Llama in fp32,
@@ -55,6 +56,9 @@ CONFIGS = {
     "gpu-checkpoints-64k": (65536, 2048, {"checkpoint_gpu_layers": 2, "attention_host_layers": _ALL_HOST}),
     "untiled-64k": (65536, 2048, {"tiled_mlp": False, "tiled_norms": False, "attention_host_layers": _ALL_HOST}),
     "arena-192k": (196608, 3072, {"attention_host_layers": _ALL_HOST}),
+    "nockpt-32k": (32768, 2048, {"checkpointing": False}),  # tiled MLP, norms and loss; every activation kept
+    "nockpt-untiled-16k": (16384, 2048, {"checkpointing": False, "tiled_mlp": False, "tiled_norms": False,
+                                         "tiled_loss": False}),
     "longest": (None, None, "longest"),
     "auto": (None, None, "auto"),  # AutoMemory at each of --lengths
 }
@@ -112,8 +116,8 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
             build=None) -> dict:
     """Build the model (the shape's Llama or Qwen3, or `build()`'s), apply the plan's MemoryConfig (or `auto`, a
     longseq.AutoMemory, when given), run a warm-up step and `timed_steps` more; peaks of the last (on CPU: live
-    tensors, plan/live_bytes.py). `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights
-    frozen (freeze_base)."""
+    tensors, plan/live_bytes.py). The model computes in the problem's dtype (bf16 for dtype_bytes 2, else fp32).
+    `mesh`: a longseq Mesh when run on several ranks. training='lora': base weights frozen (freeze_base)."""
     import torch
     import transformers
 
@@ -123,7 +127,7 @@ def measure(problem: Problem, choice: Choice, device: str, timed_steps: int = 1,
 
     memory = auto or Plan(problem=problem, chosen=evaluate(problem, choice)).memory_config()
     torch.manual_seed(0)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if problem.dtype_bytes == 2 else torch.float32
     with torch.device(device):
         model = build() if build is not None else transformers.AutoModelForCausalLM.from_config(
             hf_config(problem.shape), dtype=dtype, attn_implementation="sdpa").train()

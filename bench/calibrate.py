@@ -8,9 +8,13 @@ attention forward and backward TFLOP/s of longseq's block kernels (head_dim 128 
 GEMM speed of one decoder layer's forward and backward less its attention; pinned host↔device copies on a side
 stream; device memory bandwidth; fused AdamW on the host; whether the lse comes out dense, and the attention
 backward's workspace; whether the model's own SDPA builds per-query-head dk/dv under GQA; the chunked gated delta
-rule's speed (Gated DeltaNet, forward and backward, at Qwen3-Next's head dims on a GPU); and the extra time per
-token of the tiled MLP, recomputed norms, norms fused into their readers and the tiled loss (a two-layer model, each
-feature switched on alone). Prints a table and ends with one JSON line.
+rule's speed (Gated DeltaNet, forward and backward, at Qwen3-Next's head dims on a GPU); the sliding-window bands'
+fp32 speed (GPT-OSS's heads and window); an expert block's grouped GEMMs and routed rows (Note [Expert block time]:
+one tile of Qwen3-30B-A3B's and of Mixtral-8x7B's blocks on a GPU); and the extra time per token of the tiled MLP,
+recomputed norms, norms fused into their readers and the tiled loss (a two-layer model, each feature switched on
+alone). Prints a table and ends with one JSON line.
+
+    python -m bench.calibrate --only experts band              # just those figures; the card's others stay
 """
 
 from __future__ import annotations
@@ -28,9 +32,15 @@ from longseq.plan.card import CARDS, card_to_json, load_card
 
 # (heads, kv heads, head_dim, hidden, intermediate, tokens) for a GPU and for a CPU smoke run.
 SIZES = {"cuda": dict(heads=32, kv=8, dims=(128, 64), hidden=4096, inter=14336, tokens=16384, vocab=128256,
-                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128, linear_tokens=131072),
+                      loss_tiles_mib=(256, 4096), linear_heads=32, linear_dim=128, linear_tokens=131072,
+                      experts=((2048, 768, 128, 8), (4096, 14336, 8, 2)), expert_tile_mib=256,
+                      band=dict(heads=64, kv=8, dim=64, window=128, tokens=65536)),
          "cpu": dict(heads=4, kv=2, dims=(16,), hidden=64, inter=128, tokens=1024, vocab=256, loss_tiles_mib=(1, 4),
-                     linear_heads=4, linear_dim=16, linear_tokens=1024)}
+                     linear_heads=4, linear_dim=16, linear_tokens=1024,
+                     experts=((64, 16, 16, 4), (128, 2048, 2, 1)), expert_tile_mib=2,
+                     band=dict(heads=4, kv=2, dim=16, window=16, tokens=512))}
+"""Expert blocks as (hidden, expert intermediate, experts, top_k): a small expert whose routed rows weigh most
+(Qwen3-30B-A3B's) and a large one whose GEMMs do (Mixtral-8x7B's); bands at GPT-OSS's heads, head_dim and window."""
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -78,6 +88,75 @@ def delta_rule_speed(device, dtype, size) -> float:
 
     shape = SimpleNamespace(linear=LinearShape(k_heads=heads, v_heads=heads, k_dim=dk, v_dim=dk))
     return 3 * core_flops(SimpleNamespace(shape=shape, tokens=s)) / _timed(step) / 1e12
+
+
+def expert_block(device, dtype, shape, tile_mib: int):
+    """A Qwen3-MoE expert block of `shape` as transformers builds it in a model (its default experts
+    implementation), and the tokens of one of longseq's tiles of it (models/moe.py)."""
+    import transformers
+
+    from longseq.memory.config import MemoryConfig
+    from longseq.memory.tiled import mlp_tile_tokens
+
+    hidden, intermediate, experts, top_k = shape
+    config = transformers.Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=experts,
+                                         num_experts_per_tok=top_k, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, intermediate_size=hidden, vocab_size=32,
+                                         norm_topk_prob=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokens = mlp_tile_tokens(MemoryConfig(tile_memory_mib=tile_mib), top_k * intermediate, 1, dtype)
+    return model.model.layers[0].mlp, config, tokens
+
+
+def expert_speeds(device, dtype, size) -> dict:
+    """expert_gemm_tflops and expert_row_gelements_s (Note [Expert block time]): one tile of a small-expert and of
+    a large-expert block, forward and backward (weight gradients included), each taking 3·F/G + 3·N/R seconds for
+    its forward's GEMM FLOPs F and routed rows' elements N (experts.block_work); the two solve for G and R."""
+    from longseq.plan.experts import block_work
+    from longseq.plan.shapes import shape_from_config
+
+    rows = []
+    for shape in size["experts"]:
+        block, config, tokens = expert_block(device, dtype, shape, size["expert_tile_mib"])
+        x = torch.randn(1, tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
+        grad, params = torch.randn_like(x), [x, *block.parameters()]
+
+        def step():
+            out = block(x)
+            torch.autograd.grad(out[0] if isinstance(out, tuple) else out, params, grad)
+
+        grouped, _, elements = block_work(shape_from_config(config).experts, shape[0], tokens)
+        rows.append((3 * grouped, 3 * elements, _timed(step, repeats=5)))
+    (f1, n1, t1), (f2, n2, t2) = rows
+    determinant = f1 * n2 - f2 * n1
+    per_flop, per_element = (t1 * n2 - t2 * n1) / determinant, (f1 * t2 - f2 * t1) / determinant
+    if per_flop <= 0 or per_element <= 0:
+        raise RuntimeError(f"expert blocks: {t1:.3g} s and {t2:.3g} s for the two shapes give a non-positive speed "
+                           f"(s per FLOP {per_flop:.3g}, per element {per_element:.3g}); the GEMMs or the rows do not "
+                           "take the time Note [Expert block time] says here. Check for another job on the device.")
+    return {"expert_gemm_tflops": 1 / per_flop / 1e12, "expert_row_gelements_s": 1 / per_element / 1e9}
+
+
+def band_speed(device, dtype, size) -> float:
+    """longseq's sliding-window band (window.py) over one causal sequence, forward and backward, in TFLOP/s of
+    its chunks' matmuls as they run (plan/timing.band_flops)."""
+    from longseq.parallel.window import band_backward, band_forward
+    from longseq.plan.timing import band_flops
+
+    b = size["band"]
+    q = torch.randn(1, b["heads"], b["tokens"], b["dim"], device=device, dtype=dtype)
+    k, v = (torch.randn(1, b["kv"], b["tokens"], b["dim"], device=device, dtype=dtype) for _ in range(2))
+    dout, band = torch.randn_like(q), dict(offset=0, window=b["window"], scale=b["dim"] ** -0.5)
+
+    def step():
+        band_backward(dout, q, k, v, *band_forward(q, k, v, **band), **band)
+
+    shape = SimpleNamespace(heads=b["heads"], head_dim=b["dim"], sliding_window=b["window"])
+    problem = SimpleNamespace(shape=shape, layout=SimpleNamespace(ulysses=1),
+                              workload=SimpleNamespace(batch=1, length=b["tokens"], document=b["tokens"]))
+    return sum(band_flops(problem)) / _timed(step) / 1e12
 
 
 def attention_memory(device, dtype, size) -> dict:
@@ -219,15 +298,29 @@ def feature_costs(size, device, dtype, attention_forward, attention_backward, me
     return out
 
 
-def calibrate(device: torch.device) -> dict:
-    """Measured values by card field."""
+SEPARATE = ("delta_rule", "band", "experts")
+"""Measurements that need nothing else measured first: `--only` runs just these, keeping the card's other figures."""
+
+
+def separate(names, device, dtype, size) -> dict:
+    """The card fields of the SEPARATE measurements `names`."""
+    parts = {"delta_rule": lambda: {"delta_rule_tflops": delta_rule_speed(device, dtype, size)},
+             "band": lambda: {"band_tflops": band_speed(device, dtype, size)},
+             "experts": lambda: expert_speeds(device, dtype, size)}
+    return {field: value for name in names for field, value in parts[name]().items()}
+
+
+def calibrate(device: torch.device, only: tuple[str, ...] = ()) -> dict:
+    """Measured values by card field: all of them, or only the SEPARATE measurements named."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = SIZES[device.type]
+    if only:
+        return separate(only, device, dtype, size)
     forward, backward = attention_speeds(device, dtype, size)
     values = {"attention_forward_tflops": forward, "attention_backward_tflops": backward,
               "host_adamw_gparams_s": host_adamw(device),
               "sdpa_gqa_expands_kv_grads": sdpa_gqa_expands(device, dtype, size),
-              "delta_rule_tflops": delta_rule_speed(device, dtype, size)}
+              **separate(SEPARATE, device, dtype, size)}
     values.update(attention_memory(device, dtype, size), **copy_speeds(device, dtype))
     d = str(size["dims"][0])
     memory_gib_s = values.get("memory_gib_s") or load_card("cpu").memory_gib_s  # CPU: the stored card's figure
@@ -237,7 +330,7 @@ def calibrate(device: torch.device) -> dict:
     return values
 
 
-def write_card(values: dict, device: torch.device, out: Path | None) -> Path:
+def write_card(values: dict, device: torch.device, out: Path | None, only: tuple[str, ...] = ()) -> Path:
     """Merge `values` into the stored card of this device (or a new one) and write it."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     stem = name.split()[-1].lower() if device.type == "cuda" else "cpu"
@@ -245,7 +338,8 @@ def write_card(values: dict, device: torch.device, out: Path | None) -> Path:
     stored = CARDS / f"{stem}.json"
     data = card_to_json(load_card(str(stored))) if stored.is_file() else {"name": name, "values": {}}
     info = machine()
-    source = f"measured: bench/calibrate.py, {info['card']}, torch {info['torch']}, {info['date']}"
+    command = "bench/calibrate.py" + (f" --only {' '.join(only)}" if only else "")
+    source = f"measured: {command}, {info['card']}, torch {info['torch']}, {info['date']}"
     for key, value in values.items():
         data["values"][key] = {"value": value, "source": source}
     data["name"] = name
@@ -257,12 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="where to write the card (default: the package's cards/)")
+    parser.add_argument("--only", nargs="+", choices=SEPARATE, default=(),
+                        help="measure only these (the card's other figures stay as stored)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    values = calibrate(device)
+    device, only = torch.device(args.device), tuple(args.only)
+    values = calibrate(device, only)
     for key, value in sorted(values.items()):
         print(f"{key:<32}{value}")
-    path = write_card(values, device, args.out)
+    path = write_card(values, device, args.out, only)
     load_card(str(path))  # the card must load
     print(json.dumps({"bench": "calibrate", "card_file": str(path), "values": values, **machine()}, sort_keys=True))
 

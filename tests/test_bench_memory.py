@@ -41,3 +41,15 @@ def test_snapshot_on_cpu_names_what_is_alive_at_the_peak(monkeypatch):
     assert long["peak_gib"] > short["peak_gib"] > 0 and record["peak_kib_per_token"] > 0
     assert any("memory/host_copy.py" in where for where in long["groups"])  # restored checkpoints are device memory
     assert not any("host_arena.py" in where for where in long["groups"])  # host copies are not
+
+
+def test_counts_are_per_step_not_since_the_model_was_wrapped(monkeypatch):
+    """With no host room every step drops the same attention outputs and keeps the same checkpoints on the device:
+    the second length's record counts its own step, not both."""
+    (record,) = _run(bench_memory, ["--levers", "default", "--shape", "tiny", "--layers", "3", "--lengths", "128",
+                                    "256", "--device", "cpu", "--timed-steps", "0", "--memory-field",
+                                    "offload_min_bytes=0", "host_memory_gib=0"], monkeypatch)
+    short, long = record["rows"]
+    assert short["attention_not_kept"] > 0 and short["checkpoints_on_device"] > 0
+    assert (long["attention_not_kept"], long["checkpoints_on_device"]) == (short["attention_not_kept"],
+                                                                           short["checkpoints_on_device"])

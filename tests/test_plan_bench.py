@@ -18,9 +18,24 @@ def test_calibrate_writes_a_card_that_loads(tmp_path, capsys):
     card, stored = load_card(str(path)), load_card("cpu")
     assert record["card_file"] == str(path) and card.attention_tflops(16)[0] > 0 and card.gemm_tflops > 0
     assert card.sources["gemm_tflops"].startswith("measured: bench/calibrate.py")
+    assert card.expert_gemm_tflops > 0 and card.expert_row_gelements_s > 0 and card.band_tflops > 0
     # The memory facts the tests' card states are what the CPU kernels do.
     for fact in ("attention_lse_dense", "sdpa_gqa_expands_kv_grads"):
         assert getattr(card, fact) == getattr(stored, fact), fact
+
+
+def test_calibrate_only_the_expert_and_band_speeds(tmp_path, capsys):
+    """--only measures the named figures at tiny sizes (an expert block's grouped GEMMs and routed rows, solved from
+    a small and a large expert; the bands) and keeps the stored card's other figures and their sources."""
+    path = tmp_path / "cpu.json"
+    calibrate.main(["--device", "cpu", "--out", str(path), "--only", "experts", "band"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(record["values"]) == {"expert_gemm_tflops", "expert_row_gelements_s", "band_tflops"}
+    card, stored = load_card(str(path)), load_card("cpu")
+    for field in record["values"]:
+        assert getattr(card, field) == record["values"][field] > 0
+        assert card.sources[field].startswith("measured: bench/calibrate.py --only experts band, cpu"), field
+    assert card.gemm_tflops == stored.gemm_tflops and card.sources["gemm_tflops"] == stored.sources["gemm_tflops"]
 
 
 def test_bench_plan_runs_in_fresh_processes(monkeypatch, capsys):

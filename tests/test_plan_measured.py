@@ -29,10 +29,10 @@ GIB = 2**30
 TILED = dict(tile_memory_mib=1, attention_host_layers=TINY.layers)  # 1 MiB: 682-token MLP tiles at this width
 
 
-def tiny_problem(length: int, sp: int = 1, ring: int = 1, shape=TINY, **workload) -> Problem:
+def tiny_problem(length: int, sp: int = 1, ring: int = 1, shape=TINY, dtype_bytes: int = 4, **workload) -> Problem:
     return Problem(shape=shape, layout=Layout(sp=sp, ring=ring),
                    workload=Workload(length=length, training="forward-backward", **workload),
-                   machine=machine_for("cpu", host_memory_gib=0.05 * sp, gpus_per_host=sp), dtype_bytes=4,
+                   machine=machine_for("cpu", host_memory_gib=0.05 * sp, gpus_per_host=sp), dtype_bytes=dtype_bytes,
                    offload_min_bytes=0)
 
 
@@ -90,6 +90,32 @@ def test_one_rank(name, choice):
 def test_experts_and_linear_attention(family, choice):
     build = functools.partial(tiny_model, family)
     compare(choice, lengths=(2048, 4096), shape=shape_from_config(build().config), build=build)
+
+
+# Without checkpointing every layer's activations stay alive until its backward, so the step peaks at the loss, at
+# the final norm's backward or at the last layer's MLP backward (Note [The loss in the plan]), in fp32 and in bf16
+# (where the casts of the tiled loss and the norms' fp32 copies are copies). A vocabulary of 8192 makes the tiled
+# loss's weight-gradient moments (a vocabulary chunk's product, the accumulator's cast) the largest; Qwen3's q/k
+# norms keep an fp32 rsqrt per head.
+UNTILED = dict(checkpointing=False, tiled_mlp=False, tiled_norms=False, tiled_loss=False)
+TILED_NO_CHECKPOINTS = Choice(checkpointing=False, tile_memory_mib=1)
+NO_CHECKPOINTS = [  # (name, choice, dtype bytes, problem arguments)
+    ("untiled MLP, norms and loss", Choice(**UNTILED), 4, {}),
+    ("untiled, tiled loss", Choice(**{**UNTILED, "tiled_loss": True}), 4, {}),
+    ("untiled, tiled loss", Choice(**{**UNTILED, "tiled_loss": True}), 2, {}),
+    ("tiled MLP, norms and loss", TILED_NO_CHECKPOINTS, 4, {}),
+    ("tiled MLP, norms and loss", TILED_NO_CHECKPOINTS, 2, {}),
+    ("tiled, batch 2", TILED_NO_CHECKPOINTS, 2, dict(batch=2)),
+    ("tiled, a large vocabulary", TILED_NO_CHECKPOINTS, 4, dict(shape=dataclasses.replace(TINY, vocab=8192))),
+    ("tiled, a large vocabulary", TILED_NO_CHECKPOINTS, 2, dict(shape=dataclasses.replace(TINY, vocab=8192))),
+    ("q/k norms, untiled", Choice(**UNTILED), 2, dict(shape=dataclasses.replace(TINY, qk_norm=True))),
+]
+
+
+@pytest.mark.parametrize("name, choice, dtype_bytes, problem_args", NO_CHECKPOINTS,
+                         ids=[f"{c[0]}-{'fp32' if c[2] == 4 else 'bf16'}" for c in NO_CHECKPOINTS])
+def test_without_checkpointing(name, choice, dtype_bytes, problem_args):
+    compare(choice, lengths=(1024, 2048), tolerance=0.015, dtype_bytes=dtype_bytes, **problem_args)
 
 
 def test_packed_documents_and_batch():

@@ -59,8 +59,7 @@ def window_cut(q0: int, nq: int, k0: int, nk: int, causal: bool, window: int):
 
 
 def _row_chunks(q: torch.Tensor, nk: int, offset: int, window: int):
-    """(i0, i1, j0, j1): chunks of query rows (sizes.band_rows) and the keys they can reach (Note [Sliding windows
-    on blocks])."""
+    """(i0, i1, j0, j1): chunks of query rows (sizes.band_rows) and the keys they can reach."""
     batch, heads, nq, _ = q.shape
     rows = band_rows(batch, heads, nq, nk, window)
     for i0 in range(0, nq, rows):

@@ -27,6 +27,16 @@ class Card:
     """Causal attention backward (2.5 × the forward's FLOPs) by head_dim, per second / 1e12."""
     gemm_tflops: float
     """Dense projections and MLP in a training step, per second / 1e12 (elementwise work around them included)."""
+    expert_gemm_tflops: float
+    """The grouped GEMMs of a mixture-of-experts block (transformers' grouped_mm: the routed experts' projections,
+    and the router), model FLOPs per second / 1e12 (Note [Expert block time])."""
+    expert_row_gelements_s: float
+    """An expert block's work per routed row outside its GEMMs' arithmetic (gathers by expert, masks, activation,
+    weighting, the rows put back in token order; experts.row_elements), elements per second / 1e9."""
+    band_tflops: float
+    """longseq's sliding-window bands (parallel/window.py: fp32 math over chunks of query rows), forward and
+    backward: the chunks' matmul FLOPs as they run (every row against the keys its chunk reaches) per second / 1e12,
+    the elementwise work on their scores included."""
     delta_rule_tflops: float
     """longseq's chunked gated delta rule (Gated DeltaNet, fp32), forward and backward: model FLOPs (three times the
     forward's, Note [Linear attention in the plan]) per second / 1e12."""

@@ -30,8 +30,37 @@ whatever tiled_mlp says, and so does any block whose sequence fits one tile. Its
 a sigmoid gate) keeps what a dense MLP of its width keeps, and its output (H·e); its backward, two of its widths,
 comes at another moment than the routed experts'.
 
-Time: only the k active experts' GEMMs count (2·3·H·I FLOPs per row and expert forward, at the card's GEMM speed:
-grouped GEMMs are assumed as fast as dense ones, not measured), and the router (2·H·E) and shared expert.
+Time: Note [Expert block time].
+
+Note [Expert block time]
+~~~~~~~~~~~~~~~~~~~~~~~~
+One forward of a block over s tokens (r = k·s routed rows) does two kinds of work:
+
+    GEMMs   the routed experts' 2·r·3·H·I FLOPs and the router's 2·s·H·E, at the card's expert_gemm_tflops
+            (transformers' grouped_mm: one grouped GEMM per projection over every expert's rows); a shared expert
+            (2·s·3·H·I_shared) at gemm_tflops, a dense MLP
+    rows    what each routed row reads and writes outside the GEMMs' arithmetic, at expert_row_gelements_s:
+            row_elements() counts the elements per row of transformers 5.17's grouped_mm_experts_forward (the GPU
+            machines' version; 5.24 skips the three sentinel masks outside expert parallelism):
+                H wide: the rows gathered by expert (2), masked in place (2), the up projection's input (1), the
+                        down projection's output (1) and its mask (2), the routing weight (2), the rows put back in
+                        token order (2), the sum over the k rows (1): 13
+                I wide: the up projection's 2I outputs (2) and their mask (4), the activation (activation_elements:
+                        act(gate)·up 5, GPT-OSS's clamped GLU 16), the down projection's input (1): 7 + activation
+                biases (GPT-OSS): gathered per row and added, 2I (4 + 6) and H (2 + 3): 10·I + 5·H
+
+Backward: twice the forward's GEMM FLOPs (once for frozen weights: no weight gradients) and twice its rows. A
+tiled block (Note [Tiled experts]) runs its forward again per tile in backward, and again in a checkpointed layer's
+recompute (the dense MLP's tiled_mlp_ns holds that pass for a dense MLP; an expert block counts it here), and sums
+its weight gradients over tiles in fp32 (ParameterGradients): per tile and weight the tile's gradient read (e bytes)
+and the sum read and written (8) for every tile but the first, whose gradient is copied to fp32 (4 + e; none for
+fp32 weights), and the sums rounded once at the end (4 + e), at memory_gib_s.
+
+Why rows apart from GEMMs (device call 28, bench/results/bench_moe.jsonl; bench/fit_moe_time.py): with the passes
+and sums above and one speed for all of a block's work, the records imply ~120 TFLOP/s for Qwen3-MoE's experts
+(H 2048, I 768) and ~320 for Mixtral's (H 4096, I 14336) at both 64K and 128K. The tile sets the rows per expert
+(256 MiB / (6·E·I): 455 and 390), so it is not the rows per expert that differs but the expert's width: per routed
+row the GEMMs grow with H·I, the rows' work with H + I, and a small expert spends most of its time on its rows.
 """
 
 from __future__ import annotations
@@ -114,3 +143,38 @@ def forward_flops(problem) -> float:
     experts, h = problem.shape.experts, problem.shape.hidden
     per_token = 3 * h * (experts.top_k * experts.intermediate + experts.shared_intermediate) + h * experts.experts
     return 2.0 * problem.tokens * per_token
+
+
+def row_elements(experts, hidden: int) -> int:
+    """Elements one routed row reads and writes outside the GEMMs' arithmetic in one forward (Note [Expert block
+    time])."""
+    i, bias = experts.intermediate, int(experts.bias)
+    return (13 + 5 * bias) * hidden + (7 + experts.activation_elements + 10 * bias) * i
+
+
+def block_work(experts, hidden: int, tokens: int) -> tuple[float, float, float]:
+    """(grouped GEMM FLOPs, shared expert FLOPs, routed rows' elements) of one block's forward over `tokens` tokens
+    (Note [Expert block time])."""
+    grouped = 2.0 * tokens * hidden * (3 * experts.top_k * experts.intermediate + experts.experts)
+    shared = 2.0 * tokens * 3 * hidden * experts.shared_intermediate
+    return grouped, shared, float(tokens * experts.top_k * row_elements(experts, hidden))
+
+
+def block_seconds(problem, card) -> tuple[float, float]:
+    """(forward, backward) seconds of one block on the rank's tokens (Note [Expert block time])."""
+    grouped, shared, rows = block_work(problem.shape.experts, problem.shape.hidden, problem.tokens)
+    gemms = grouped / (card.expert_gemm_tflops * 1e12) + shared / (card.gemm_tflops * 1e12)
+    rows = rows / (card.expert_row_gelements_s * 1e9)
+    weights = 2.0 if problem.workload.training != "lora" else 1.0
+    return gemms + rows, weights * gemms + 2 * rows
+
+
+def tile_sums_seconds(problem, choice, card) -> float:
+    """A tiled block's fp32 sums of its weight gradients over tiles, at memory bandwidth (Note [Expert block
+    time]); none for frozen weights."""
+    if problem.workload.training == "lora":
+        return 0.0
+    e, tiles = problem.dtype_bytes, -(-problem.tokens // (tile_positions(problem, choice) * problem.workload.batch))
+    copies = 2 * (4 + e) if e < 4 else 0  # the first tile's copy to fp32 and the final rounding
+    per_weight = (tiles - 1) * (e + 8) + copies
+    return problem.shape.experts.params(problem.shape.hidden) * per_weight / (card.memory_gib_s * 2**30)

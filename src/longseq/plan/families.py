@@ -63,6 +63,9 @@ class ExpertShape:
     """I-wide tensors the experts' activation keeps per routed row besides the gate and up projections: act(gate)
     and the product for a SiLU-gated expert; five for GPT-OSS's clamped GLU (both clamps' results, the sigmoid, the
     GLU, up + 1 and the product, less the clamped up, which nothing keeps)."""
+    activation_elements: int = 5
+    """I-wide elements the activation reads and writes per routed row (Note [Expert block time]): act(gate) and its
+    product with up, 5; GPT-OSS's clamped GLU (seven ops on the strided halves of gate_up), 16."""
     tiled: bool = True
     """longseq runs the block over sequence tiles (Note [Tiled experts]); False: as the model has it."""
     router_loss: bool = False
@@ -164,6 +167,7 @@ def _experts(get, model_type: str | None, label: str) -> ExpertShape | None:
     return ExpertShape(experts=count, top_k=get("num_experts_per_tok"), intermediate=intermediate,
                        shared_intermediate=get("shared_expert_intermediate_size") or 0, bias=model_type == "gpt_oss",
                        gate_tensors=5 if model_type == "gpt_oss" else 2,
+                       activation_elements=16 if model_type == "gpt_oss" else 5,
                        tiled=model_type in TILED_EXPERTS, router_loss=bool(get("output_router_logits", False)))
 
 

@@ -1,11 +1,13 @@
 """A choice's GPU peak and host bytes per rank: the moments of a step, summed from the memory model's terms.
 
-Moments (Note [Where every byte goes] in memory.py): the loss, when every layer's GPU-kept tensors are alive; and
-in each layer's backward its MLP backward, its attention backward and what follows it (the rotary and input
-projections' backward), each with the tensors the layers below keep, the layer's own saved tensors and what was
-prefetched for the layer below by then; and the optimizer step. Under 'full' training the fp32 gradient shards
-count from their layer's backward on (state.gradients_made). The GPU peak is the largest; the host holds everything
-offloaded at the end of the forward, in the pages of the offloader's arena (Note [Host arena]).
+Moments (Note [Where every byte goes] in memory.py): the loss and the final norm's backward, when every layer's
+GPU-kept tensors are alive and no layer's gradient exists yet (Note [The loss in the plan], loss.py); and in each
+layer's backward its MLP backward (and, checkpointed, its MLP's forward in the recompute), its attention backward and
+what follows it (the rotary and input projections' backward), each with the tensors the layers below keep, the
+layer's own saved tensors and what was prefetched for the layer below by then; and the optimizer step. Under
+'full' training the fp32 gradient shards count from their layer's backward on (state.gradients_made). The GPU peak
+is the largest; the host holds everything offloaded at the end of the forward, in the pages of the offloader's
+arena (Note [Host arena]).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from longseq.plan import linear, memory, placement
 from longseq.plan.attention import attention_backward
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
+from longseq.plan.loss import final_norm_backward, loss_terms
 from longseq.plan.problem import Problem
 from longseq.plan.state import gradients_made, training_state
 from longseq.plan.terms import Peak, Term
@@ -59,6 +62,8 @@ def layer_moments(problem: Problem, choice: Choice, w: memory.Widths,
         through = through + placement.segment_inputs(choice, w)
     gradient = [Term("residual-stream gradient", "layer backward", w.hidden)]
     moments = {"MLP backward": gradient + through + before + memory.mlp_backward(problem, choice, w, kind)}
+    if choice.checkpointing and kind.ffn == "dense" and memory.ffn_tiled(problem, choice, kind):
+        moments["MLP forward in the recompute"] = gradient + through + before + memory.mlp_recompute(problem, choice, w)
     if kind.mixer == "linear":
         moments["linear attention backward"] = gradient + through + linear.backward(problem)
         if choice.checkpointing:
@@ -78,18 +83,25 @@ def layer_moments(problem: Problem, choice: Choice, w: memory.Widths,
 def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placement.Placement) -> Peak:
     """The largest moment; sums numbers per layer and builds the term list only for the winner."""
     tokens, kinds = problem.tokens, problem.shape.kinds
-    fixed = training_state(problem, choice)[0] + memory.global_terms(problem, w)
+    buffers = memory.global_terms(problem, w)
+    fixed = training_state(problem, choice)[0] + buffers
+    at_loss, at_head = (training_state(problem, choice, made)[0] + buffers for made in ("none", "root"))
     moments = {kind: layer_moments(problem, choice, w, kind) for kind in set(kinds)}
     sizes = {kind: {name: _total(terms, tokens) for name, terms in by_name.items()}
              for kind, by_name in moments.items()}
     distinct = {id(k): k for k in layout.kept}  # placement_terms gives layers placed alike one list
     totals = {key: _total(k, tokens) for key, k in distinct.items()}
     kept = [totals[id(k)] for k in layout.kept]
-    loss, layers = memory.loss_terms(problem, choice, w), problem.shape.layers
+    loss, layers = loss_terms(problem, choice, w), problem.shape.layers
+    head = final_norm_backward(problem, choice, w)
     made = {done: gradients_made(problem, choice, done) for done in (*range(layers), None)}
     best, best_size = ("optimizer step", None), _total(made[None], tokens)
-    if sum(kept) + _total(loss, tokens) >= best_size:
-        best, best_size = ("loss", None), sum(kept) + _total(loss, tokens)
+    # sizes are compared over `fixed`; the loss and the final norm's backward hold fewer gradients (state.py)
+    base, before_layers = _total(fixed, tokens), {"loss": at_loss + loss, "final norm backward": at_head + head}
+    for name, terms in before_layers.items():
+        size = sum(kept) + _total(terms, tokens) - base
+        if size > best_size or (size == best_size and name == "loss"):
+            best, best_size = (name, None), size
     below = 0.0
     for i in range(layers):
         grads = _total(made[layers - 1 - i], tokens)  # the layers above are done
@@ -101,8 +113,8 @@ def gpu_peak(problem: Problem, choice: Choice, w: memory.Widths, layout: placeme
     name, i = best
     if name == "optimizer step":
         return Peak(name, fixed + made[None], tokens)
-    if name == "loss":
-        return Peak("loss", fixed + [t for k in layout.kept for t in k] + loss, tokens)
+    if i is None:
+        return Peak(name, before_layers[name] + [t for k in layout.kept for t in k], tokens)
     pre = placement.prefetched(layout, i, choice, w) if choice.checkpointing else []
     below_terms = [t for k in layout.kept[:i] for t in k]
     return Peak(f"{name} of layer {i}", fixed + made[layers - 1 - i] + below_terms + pre + moments[kinds[i]][name],

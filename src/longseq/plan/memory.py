@@ -28,9 +28,11 @@ cache on the host, norms fused into their readers, attention kernels on 4 of the
                                                                ─────                ─────
                                                                63.6                 52.6
 
-(At 256K the kernel calls take 2 heads each: 60.1 at the attention backward.) Autograd's own rotary backward held
-three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device call 22 measured); longseq's makes the
-gradient alone, a chunk's product beside it (Note [Lean rotary backward], memory/rotary.py).
+(At 256K the kernel calls take 2 heads each: 60.1 at the attention backward, less than the recompute's MLP forward:
+the layer's saved tensors, the norm's output and the MLP's output buffer, 60.6, and one tile; mlp_recompute.)
+Autograd's own rotary backward held three q-sized products there (3·a·e, 24: 68.6, the step's peak, which device
+call 22 measured); longseq's makes the gradient alone, a chunk's product beside it (Note [Lean rotary backward],
+memory/rotary.py).
 
 The tensors marked "still held" were seen alive there in real steps on CPU (plan/live_bytes.py,
 tests/test_plan_measured.py); so were, under Ulysses, the recompute's all-to-all buffers beside q, k, v on both
@@ -41,7 +43,7 @@ dout, q and out, all heads in one call, norm outputs kept, the previous checkpoi
 terms gave 148.8 and 104.6 against the 149 and 105 measured (GPU.md; commit b0d5f37). What changes under Ulysses,
 ring (fp32 accumulators for dq and the dk/dv travelling with K/V), packed documents (calls per document), untiled
 MLP (four I-wide intermediates kept, two more at its backward's peak), untiled norms (fp32 copies of their inputs)
-and the loss (tile × V fp32 logits, or all of them untiled) is in the functions below and attention.py; each term
+and the loss (Note [The loss in the plan], loss.py) is in the functions below and those files; each term
 names the tensor it counts.
 
 Host per rank = the process itself + FSDP2's CPU-offloaded parameters, gradients and AdamW state (16 bytes per
@@ -66,7 +68,6 @@ from longseq.plan.problem import Problem
 from longseq.plan.terms import Term
 
 _MIB = 2**20
-_VOCAB_CHUNK = 8192  # memory/tiled_loss: fp32 weight-gradient products per vocabulary chunk
 _ROTARY_CHUNK = 64 << 20  # memory/rotary._CHUNK_BYTES: one chunk's half-product in the rotary backward
 
 
@@ -185,7 +186,8 @@ def attention_saved(problem: Problem, w: Widths, g: str, kind: LayerKind = DENSE
     terms = [Term("q", g, w.q), *kv, Term("attention output", g, w.q), Term("attention log-sum-exp", g, w.lse)]
     if shape.qk_norm:
         width = (shape.heads + shape.kv_heads) * shape.head_dim
-        terms.append(Term("q/k RMSNorm fp32 copies and outputs", g, width * (4 + e)))
+        rows = 2 if shape.qk_norm_full_width else shape.heads + shape.kv_heads  # one fp32 rsqrt per norm row
+        terms.append(Term("q/k RMSNorm fp32 copies, rsqrt and outputs", g, width * (4 + e) + rows * 4))
     if shape.attention_gate:
         terms.append(Term("attention output gate: the gate, its sigmoid, the gated output", g, 3 * w.q))
     return terms
@@ -242,39 +244,50 @@ def mlp_backward(problem: Problem, choice: Choice, w: Widths, kind: LayerKind = 
     # reached the MLP's input yet (seen with plan/live_bytes.py).
     if not ffn_tiled(problem, choice, kind):
         return [Term("MLP backward: three gradients, less the freed product", g, 2 * w.inter)]
-    terms = [Term("MLP input gradient", g, w.hidden)]
-    # One tile's recompute and gradients: gate, up, act, product and their gradients (eight I-wide at most, seen
-    # with plan/live_bytes.py) and the gradients of gate's and up's inputs.
-    positions = mlp_tile_positions(problem, choice) * problem.workload.batch
-    terms.append(Term("MLP tile (its recompute and gradients)", g, fixed=positions * (8 * w.inter + 2 * w.hidden)))
-    if trains:
-        mlp = 3 * shape.hidden * shape.intermediate
-        terms.append(Term("MLP weight gradients over tiles (fp32 sums, one tile's)", g,
-                          fixed=mlp * (4 + problem.dtype_bytes)))
+    fused = choice.tiled_norms and choice.fuse_norms  # the tile recomputes the post-attention norm
+    tiles = [_mlp_tile(problem, w, mlp_tile_positions(problem, choice), k, fused, trains) for k in range(3)]
+    return [Term("MLP input gradient", g, w.hidden)] + max(tiles, key=lambda t: sum(x.fixed for x in t))
+
+
+def _mlp_tile(problem: Problem, w: Widths, tile: int, k: int, fused: bool, trains: bool) -> list[Term]:
+    """Tile k's backward (memory/tiled.py, Note [Tiled compute]) at its peak, the backward of act * up: the
+    recompute's gate, up and act, the product's gradient and those of act and up (six I-wide: the product, down's
+    saved input, is freed by then, as without tiles), the recomputed output and, from the second tile on, the
+    previous tile's input gradient (still bound while the next tile runs); fused, the norm's recompute beside them
+    (its fp32 input copy below fp32, its normed output and the weight's product). Weight gradients: down's of this
+    tile; from the second tile the fp32 sums, and the previous tile's, which in fp32 are the sums themselves until
+    the third (the first tile's gradients become the sums: a no-op cast). Seen with plan/live_bytes.py."""
+    g, shape, e = "MLP backward", problem.shape, problem.dtype_bytes
+    positions = problem.tokens // problem.workload.batch
+    rows = min(tile, positions - k * tile) * problem.workload.batch
+    if rows <= 0:
+        return []
+    per_row = 6 * w.inter + (2 if k else 1) * w.hidden + ((4 * (e < 4) + 2 * e) * shape.hidden if fused else 0)
+    terms = [Term("MLP tile: six I-wide recomputes and gradients, the output (and the previous input gradient)", g,
+                  fixed=rows * per_row)]
+    if not trains:
+        return terms
+    weight = shape.hidden * shape.intermediate * e
+    terms.append(Term("MLP tile: down_proj's weight gradient", g, fixed=weight))
+    if k:
+        terms.append(Term("MLP weight gradients summed over tiles (fp32)", g, fixed=3 * weight * max(4, e) / e))
+    if k > 1 or (k == 1 and e < 4):
+        terms.append(Term("MLP weight gradients of the previous tile", g, fixed=3 * weight))
     return terms
 
 
-def loss_tile_tokens(problem: Problem, choice: Choice) -> int:
-    """memory/tiled_loss.loss_tile_tokens: the tokens whose fp32 logits and their gradient fit tile_memory_mib."""
-    return max(1, choice.tile_memory_mib * _MIB // (problem.shape.vocab * 8))
-
-
-def loss_terms(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
-    """The loss's forward and backward: final norm, final hidden states, logits (a tile of them, or all)."""
-    g, shape = "loss", problem.shape
-    terms = [Term("final norm input", g, w.hidden), Term("final hidden states", g, w.hidden),
-             Term("hidden-state gradient", g, w.hidden)]
-    if not choice.tiled_norms:
-        terms[0] = Term("final RMSNorm: fp32 input copy and normed output", g, shape.hidden * (4 + problem.dtype_bytes))
-    if not choice.tiled_loss:
-        # log_softmax's output, nll_loss's gradient and log_softmax's: three fp32 rows of V per token
-        return terms + [Term("log-softmax output and two gradients (fp32)", g, w.vocab * 3 * 4)]
-    tile = loss_tile_tokens(problem, choice)
-    terms.append(Term("logits tile (fp32) and its gradient", g, fixed=min(tile, problem.tokens) * w.vocab * 8))
-    if problem.workload.training != "lora":
-        terms += [Term("lm_head gradient accumulator (fp32)", g, fixed=shape.vocab * shape.hidden * 4),
-                  Term("lm_head gradient chunk product (fp32)", g, fixed=_VOCAB_CHUNK * shape.hidden * 4)]
-    return terms
+def mlp_recompute(problem: Problem, choice: Choice, w: Widths) -> list[Term]:
+    """A checkpointed layer's recompute runs its tiled MLP's forward whole (the MLP's saved tensors are packed only
+    when it returns), beside the layer's recomputed saved tensors: the norm's output (the decoder layer's variable
+    while the MLP runs; fused, not among the saved), the MLP's output buffer, and one tile's forward without grad:
+    up, act and their product, the previous tile's output and, fused, the norm's output tile. Seen with
+    plan/live_bytes.py, at the peak of the model's own SDPA path with 1 MiB tiles."""
+    g, fused = "MLP forward in the recompute", choice.tiled_norms and choice.fuse_norms
+    rows = min(mlp_tile_positions(problem, choice), problem.tokens // problem.workload.batch) * problem.workload.batch
+    terms = [Term("MLP output buffer", g, w.hidden),
+             Term("MLP tile forward: up, act, their product, the previous tile's output (and the norm's)", g,
+                  fixed=rows * (3 * w.inter + (2 if fused else 1) * w.hidden))]
+    return ([Term("post-attention norm output", g, w.hidden)] if fused else []) + terms
 
 
 def global_terms(problem: Problem, w: Widths) -> list[Term]:

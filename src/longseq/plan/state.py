@@ -39,8 +39,11 @@ def lora_params(problem: Problem) -> int:
     return r * total
 
 
-def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[Term]]:
-    """(GPU terms, host terms) of one rank's weights, gradients and optimizer state."""
+def training_state(problem: Problem, choice: Choice, made: str = "all") -> tuple[list[Term], list[Term]]:
+    """(GPU terms, host terms) of one rank's weights, gradients and optimizer state. `made`: which of FSDP2's
+    unsharded gradients can exist ('full'): 'none' at the loss (no backward has reached a parameter yet; the tiled
+    loss's lm_head gradient is its own term there), 'root' at the final norm's backward (lm_head's is made), 'all'
+    in a decoder layer's backward and after it."""
     s, e, ranks = problem.shape, problem.dtype_bytes, problem.layout.gpus
     g = "weights, gradients, optimizer"
     mode = problem.workload.training
@@ -54,9 +57,11 @@ def training_state(problem: Problem, choice: Choice) -> tuple[list[Term], list[T
             return [Term("weights (bf16, frozen)", g, fixed=s.params * e)] + adapters, []
         return [Term("weight shard (bf16, frozen)", g, fixed=s.params * e / ranks)] + gathered + adapters, []
     shard = Term("FSDP2 shard: fp32 weights and AdamW moments", g, fixed=s.params * (FP32_STATE - 4) / ranks)
-    gathered += [Term("unsharded layer gradient (bf16, and fp32 for the reduce-scatter)", g,
-                      fixed=s.layer_params * (e + 4)),
-                 Term("unsharded lm_head/embedding gradient (bf16)", g, fixed=s.vocab * s.hidden * e)]
+    if made == "all":
+        gathered.append(Term("unsharded layer gradient (bf16, and fp32 for the reduce-scatter)", g,
+                             fixed=s.layer_params * (e + 4)))
+    if made in ("all", "root"):
+        gathered.append(Term("unsharded lm_head/embedding gradient (bf16)", g, fixed=s.vocab * s.hidden * e))
     if choice.fsdp_cpu_offload:
         host = Term("FSDP2 CPU-offloaded weights, gradients, AdamW moments (fp32)", "FSDP2 CPU offload",
                     fixed=shard.fixed)

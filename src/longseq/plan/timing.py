@@ -8,12 +8,14 @@ attention within documents of length d over sequences of length S:
     attention forward   2·B·S·d·a / sp FLOPs at attention_forward_tflops (4·a per (query, key) pair: a sliding
                         window bounds the pairs); backward 2.5× that at the backward speed; a checkpointed layer
                         whose output is not kept runs the forward again in backward
+    bands               a sliding layer run as bands (sinks, sp = 1 or Ulysses) does the matmuls of its chunks as
+                        window.py runs them, in fp32 (band_flops: 2 matmuls forward, 5 backward), at band_tflops
     Gated DeltaNet      the chunked rule's forward FLOPs (Note [Linear attention in the plan]), three times that for
                         forward and backward, at delta_rule_tflops; its forward again under checkpointing
     projections, MLP    2·s·P forward, twice that backward (once for frozen weights: no weight gradients), and the
                         forward again under checkpointing (the tiled MLP recomputes its tiles in backward even
-                        without checkpointing), at gemm_tflops; of an expert block only the top-k experts, the
-                        router and the shared expert count (Note [Expert blocks in the plan])
+                        without checkpointing), at gemm_tflops; an expert block by Note [Expert block time]:
+                        its grouped GEMMs, its routed rows' work, and tiled, its recompute and fp32 sums
     tiled features      tiled_mlp_ns, tiled_norms_ns per token and layer (their recomputes and fp32 sums); norms
                         fused into their readers: the q/k/v projections' forward once more, and fused_norms_ns
     segments            with layers_per_checkpoint k, k − 1 of a segment's k layers run forward once more in
@@ -40,11 +42,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from longseq.parallel.sizes import band_rows
 from longseq.plan import experts, linear
-from longseq.plan.attention import keeps_output
+from longseq.plan.attention import keeps_output, windowed
 from longseq.plan.choice import Choice
 from longseq.plan.families import DENSE, LayerKind
-from longseq.plan.memory import effective, ffn_tiled, loss_tile_tokens
+from longseq.plan.loss import loss_tile_tokens
+from longseq.plan.memory import effective, ffn_tiled
 from longseq.plan.problem import Problem
 
 _G = 2**30
@@ -104,42 +108,99 @@ def step_time(problem: Problem, choice: Choice) -> StepTime:
     return step
 
 
+def band_pairs(length: int, rows: int, window: int) -> int:
+    """(query, key) pairs a band over one causal sequence computes (Note [Sliding windows on blocks]): every chunk of
+    `rows` query rows against the keys the chunk reaches, rows + window − 1 once the chunks start past the window."""
+    pairs, start = 0, 0
+    while start < min(length, window - 1):  # chunks that reach back to the sequence's first key
+        end = min(length, start + rows)
+        pairs += (end - start) * end
+        start = end
+    full, last = divmod(length - start, rows)
+    return pairs + full * rows * (rows + window - 1) + last * (last + window - 1)
+
+
+def band_flops(problem: Problem, rows: int | None = None) -> tuple[float, float]:
+    """(forward, backward) FLOPs of a sliding layer's bands on one rank as window.py runs them: QKᵀ and PV forward,
+    and the scores again, dV, dP, dQ and dK backward, over every chunk's pairs (band_pairs); `rows` per chunk by
+    sizes.band_rows unless given."""
+    shape, work = problem.shape, problem.workload
+    heads, window = shape.heads // problem.layout.ulysses, shape.sliding_window
+    rows = rows or band_rows(work.batch, heads, work.document, work.document, window)
+    pairs = work.batch * work.length // work.document * band_pairs(work.document, rows, window)
+    per_matmul = 2.0 * pairs * heads * shape.head_dim
+    return 2 * per_matmul, 5 * per_matmul
+
+
+def _mixer_seconds(problem: Problem, kind: LayerKind, attention: float) -> tuple[str, float, float]:
+    """(component, forward, backward) seconds of one layer's token mixer given its attention FLOPs."""
+    card = problem.machine.card
+    if kind.mixer == "linear":  # forward and backward: three times the forward's FLOPs (Note [Linear attention...])
+        forward = linear.core_flops(problem) / (card.delta_rule_tflops * 1e12)
+        return "linear attention", forward, 2 * forward
+    if windowed(problem, kind) == "band" and problem.layout.ring == 1:
+        forward, backward = band_flops(problem)
+        return "attention: sliding-window bands (fp32)", *(f / (card.band_tflops * 1e12) for f in (forward, backward))
+    forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(problem.shape.head_dim))
+    return "attention", attention / forward_speed, 2.5 * attention / backward_speed
+
+
+def _ffn_seconds(problem: Problem, kind: LayerKind, mlp: float) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's MLP or expert block (Note [Expert block time])."""
+    if kind.ffn == "experts":
+        return experts.block_seconds(problem, problem.machine.card)
+    gemm = problem.machine.card.gemm_tflops * 1e12
+    return mlp / gemm, (2.0 if problem.workload.training != "lora" else 1.0) * mlp / gemm
+
+
 def _layer_time(problem: Problem, choice: Choice, kind: LayerKind, checkpoint: str, kept: str) -> StepTime:
     """One layer's time under its placement (checkpoint, attention output kept)."""
-    card, shape, tokens = problem.machine.card, problem.shape, problem.tokens
+    card, tokens = problem.machine.card, problem.tokens
     attention, projections, mlp = layer_flops(problem, kind)
     gemm, backward = card.gemm_tflops * 1e12, 2.0 if problem.workload.training != "lora" else 1.0
-    forward_speed, backward_speed = (x * 1e12 for x in card.attention_tflops(shape.head_dim))
-    mixer_forward, mixer_backward = attention / forward_speed, 2.5 * attention / backward_speed
-    if kind.mixer == "linear":  # forward and backward: three times the forward's FLOPs (Note [Linear attention...])
-        mixer_forward = linear.core_flops(problem) / (card.delta_rule_tflops * 1e12)
-        mixer_backward = 2 * mixer_forward
+    mixer, mixer_forward, mixer_backward = _mixer_seconds(problem, kind, attention)
+    ffn_forward, ffn_backward = _ffn_seconds(problem, kind, mlp)
     if not keeps_output(problem, kind):
         kept = "recompute"
     tiled = ffn_tiled(problem, choice, kind)
     layer = StepTime()
-    layer.add("attention" if kind.mixer != "linear" else "linear attention", mixer_forward + mixer_backward)
-    layer.add("projections and MLP", (1 + backward) * (projections + mlp) / gemm)
+    layer.add(mixer, mixer_forward + mixer_backward)
+    if kind.ffn == "experts":
+        layer.add("projections", (1 + backward) * projections / gemm)
+        layer.add("expert blocks (grouped GEMMs and routed rows)", ffn_forward + ffn_backward)
+    else:
+        layer.add("projections and MLP", (1 + backward) * projections / gemm + ffn_forward + ffn_backward)
     if choice.checkpointing:  # every layer is checkpointed on its own, whatever keeps its input
         layer.add("attention recomputed", mixer_forward * (kept == "recompute"))
-        layer.add("forward recomputed", projections / gemm + (0 if tiled else mlp / gemm))
+        layer.add("forward recomputed", projections / gemm + (0 if tiled else ffn_forward))
     k = choice.layers_per_checkpoint
     if choice.checkpointing and k > 1:  # k − 1 of a segment's k layers run forward once more to rebuild inputs
-        again = (projections + mlp) / gemm + mixer_forward * (kept == "recompute")
+        again = projections / gemm + ffn_forward + mixer_forward * (kept == "recompute")
         layer.add("segment inputs rebuilt", again * (k - 1) / k)
     if tiled:
-        layer.add("MLP recomputed in its tiles", mlp / gemm)
-        layer.add("tiled MLP overhead", card.tiled_mlp_ns * 1e-9 * tokens)
+        layer.add("MLP recomputed in its tiles", ffn_forward)
+        _tiled_overheads(problem, choice, kind, ffn_forward, layer)
     if choice.tiled_norms:
         layer.add("tiled norms overhead", card.tiled_norms_ns * 1e-9 * tokens)
     if choice.fuse_norms and kind.mixer != "linear":  # the q/k/v projections again in their tiles, with their norm
         layer.add("fused norms: projections recomputed", projections / gemm)
         layer.add("fused norms overhead", card.fused_norms_ns * 1e-9 * tokens)
-    layer_forward = mixer_forward + (projections + mlp) / gemm
-    layer_backward = mixer_backward + backward * (projections + mlp) / gemm
+    layer_forward = mixer_forward + projections / gemm + ffn_forward
+    layer_backward = mixer_backward + backward * projections / gemm + ffn_backward
     _communication(problem, choice, kind, layer, (checkpoint, kept), (layer_forward, layer_backward),
                    mixer_backward)
     return layer
+
+
+def _tiled_overheads(problem, choice, kind, ffn_forward, layer) -> None:
+    """A dense tiled MLP's measured overhead per token (its recompute in a checkpointed layer and its fp32 sums);
+    an expert block's counted: its forward again in the layer's recompute and the sums (Note [Expert block time])."""
+    card = problem.machine.card
+    if kind.ffn != "experts":
+        layer.add("tiled MLP overhead", card.tiled_mlp_ns * 1e-9 * problem.tokens)
+        return
+    layer.add("expert blocks: forward again in the layer's recompute", ffn_forward * choice.checkpointing)
+    layer.add("expert weight gradients summed over tiles (fp32)", experts.tile_sums_seconds(problem, choice, card))
 
 
 def _communication(problem, choice, kind, step, placed, compute, mixer_backward) -> None:
