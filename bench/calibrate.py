@@ -111,9 +111,13 @@ def expert_block(device, dtype, shape, tile_mib: int):
 
 
 def expert_speeds(device, dtype, size) -> dict:
-    """expert_gemm_tflops and expert_row_gelements_s (Note [Expert block time]): one tile of a small-expert and of
-    a large-expert block, forward and backward (weight gradients included), each taking 3·F/G + 3·N/R seconds for
-    its forward's GEMM FLOPs F and routed rows' elements N (experts.block_work); the two solve for G and R."""
+    """expert_gemm_tflops and expert_row_gelements_s (Note [Expert block time]) from expert_block_times."""
+    return solve_expert_speeds(expert_block_times(device, dtype, size))
+
+
+def expert_block_times(device, dtype, size) -> list[tuple[float, float, float]]:
+    """One tile of a small-expert and of a large-expert block, forward and backward (weight gradients included):
+    for each, (GEMM FLOPs, routed rows' elements, seconds), the work counted as experts.block_work counts it."""
     from longseq.plan.experts import block_work
     from longseq.plan.shapes import shape_from_config
 
@@ -129,6 +133,11 @@ def expert_speeds(device, dtype, size) -> dict:
 
         grouped, _, elements = block_work(shape_from_config(config).experts, shape[0], tokens)
         rows.append((3 * grouped, 3 * elements, _timed(step, repeats=5)))
+    return rows
+
+
+def solve_expert_speeds(rows: list[tuple[float, float, float]]) -> dict:
+    """Each block takes F/G + N/R seconds for its GEMM FLOPs F and rows' elements N; two blocks solve for G and R."""
     (f1, n1, t1), (f2, n2, t2) = rows
     determinant = f1 * n2 - f2 * n1
     per_flop, per_element = (t1 * n2 - t2 * n1) / determinant, (f1 * t2 - f2 * t1) / determinant

@@ -7,11 +7,37 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import bench_plan, calibrate
 from longseq.plan.card import load_card
 
 
-def test_calibrate_writes_a_card_that_loads(tmp_path, capsys):
+GEMM_TFLOPS, ROW_GELEMENTS_S = 0.02, 0.5
+"""Speeds the expert blocks' times are replaced with in the end-to-end runs: two timings on a shared 2-core machine
+can solve to a negative speed (the solve is checked on its own below)."""
+
+
+@pytest.fixture
+def expert_times_from_known_speeds(monkeypatch):
+    """The blocks are built and timed as on a GPU; their seconds are then those of GEMM_TFLOPS and ROW_GELEMENTS_S."""
+    measured = calibrate.expert_block_times
+
+    def known(*args):
+        return [(f, n, f / (GEMM_TFLOPS * 1e12) + n / (ROW_GELEMENTS_S * 1e9)) for f, n, _ in measured(*args)]
+
+    monkeypatch.setattr(calibrate, "expert_block_times", known)
+
+
+def test_expert_speeds_solve_from_two_blocks():
+    rows = [(4e12, 1e9, 4e12 / 5e14 + 1e9 / 6e11), (9e12, 5e8, 9e12 / 5e14 + 5e8 / 6e11)]
+    speeds = calibrate.solve_expert_speeds(rows)
+    assert speeds == pytest.approx({"expert_gemm_tflops": 500, "expert_row_gelements_s": 600})
+    with pytest.raises(RuntimeError, match="non-positive speed.*another job on the device"):
+        calibrate.solve_expert_speeds([(4e12, 1e9, 1.0), (9e12, 5e8, 0.1)])
+
+
+def test_calibrate_writes_a_card_that_loads(tmp_path, capsys, expert_times_from_known_speeds):
     path = tmp_path / "cpu.json"
     calibrate.main(["--device", "cpu", "--out", str(path)])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -24,7 +50,7 @@ def test_calibrate_writes_a_card_that_loads(tmp_path, capsys):
         assert getattr(card, fact) == getattr(stored, fact), fact
 
 
-def test_calibrate_only_the_expert_and_band_speeds(tmp_path, capsys):
+def test_calibrate_only_the_expert_and_band_speeds(tmp_path, capsys, expert_times_from_known_speeds):
     """--only measures the named figures at tiny sizes (an expert block's grouped GEMMs and routed rows, solved from
     a small and a large expert; the bands) and keeps the stored card's other figures and their sources."""
     path = tmp_path / "cpu.json"
@@ -35,6 +61,8 @@ def test_calibrate_only_the_expert_and_band_speeds(tmp_path, capsys):
     for field in record["values"]:
         assert getattr(card, field) == record["values"][field] > 0
         assert card.sources[field].startswith("measured: bench/calibrate.py --only experts band, cpu"), field
+    assert card.expert_gemm_tflops == pytest.approx(GEMM_TFLOPS)
+    assert card.expert_row_gelements_s == pytest.approx(ROW_GELEMENTS_S)
     assert card.gemm_tflops == stored.gemm_tflops and card.sources["gemm_tflops"] == stored.sources["gemm_tflops"]
 
 
