@@ -16,6 +16,9 @@ from pathlib import Path
 from longseq.train.config import ConfigError
 from longseq.train.config_loader import help_text, load_config
 
+SAID_WAIT_S = 30
+"""Seconds the other ranks wait for rank 0's line under torchrun (Note [One line from rank 0 under torchrun])."""
+
 USAGE = "longseq train [CONFIG.yaml] [--demo] [--nproc N] [--section.key=value ...]"
 
 
@@ -121,8 +124,6 @@ def _exit_after_rank0(rank: str) -> None:
     except (RuntimeError, OSError, KeyError, ValueError):  # no store, or rank 0 died first: nothing left to wait for
         pass
 
-
-SAID_WAIT_S = 30
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
